@@ -1,0 +1,34 @@
+# varst-scverse — the two commands a newcomer types: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint docs benchmark clean-venv
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m varst_scverse.demo --output demo_output
+
+test: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	MPLBACKEND=Agg $(PY) -m pytest -q -m "not realdata and not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+benchmark: $(STAMP)
+	$(PY) -m varst_scverse.benchmark
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,186 @@
+"""Lightning plumbing for both stages: the LightningModule, the per-epoch history and the spot datasets.
+
+Lightning owns the loop (devices, precision, accumulation, DDP, checkpoints); this file only says what one step of
+each stage computes and what gets logged.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..module import TwoStageVARST
+
+
+class SpotDataset(Dataset):
+    """Row-indexed view over prepared per-spot arrays (expression, histology, coordinates, neighbour histology)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], indices: np.ndarray) -> None:
+        self.arrays = {k: torch.as_tensor(v) for k, v in arrays.items() if v is not None}
+        self.indices = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        j = self.indices[i]
+        return {k: v[j] for k, v in self.arrays.items()}
+
+
+class VARSTTrainingPlan(pl.LightningModule):
+    """Train one stage of :class:`~varst_scverse.module.TwoStageVARST` with AdamW.
+
+    Parameters
+    ----------
+    module
+        The torch module; its ``current_stage`` decides what is trained.
+    lr, weight_decay
+        AdamW settings.
+    lr_warmup_steps
+        Linear warm-up steps (then constant).
+    """
+
+    def __init__(self, module: TwoStageVARST, lr: float = 1e-4, weight_decay: float = 1e-4, lr_warmup_steps: int = 0):
+        super().__init__()
+        self.module = module
+        self.stage = module.current_stage
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.lr_warmup_steps = lr_warmup_steps
+        self._epoch_sums: dict[str, dict[str, float]] = {}
+
+    # ------------------------------------------------------------------ steps
+    def _step(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        if self.stage == 1:
+            return self.module.stage1_loss(batch["expression"])
+        return self.module.stage2_loss(
+            batch["expression"], batch["histology"], batch["coords"], batch.get("neighbours"), batch.get("tokens")
+        )
+
+    def _scalars(self, out: dict[str, Any]) -> dict[str, float]:
+        vals = {k: float(v.detach()) for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+        if "token_accuracy" in out:
+            for k, a in enumerate(out["token_accuracy"]):
+                vals[f"token_accuracy_scale{k}"] = float(a)
+        if "per_scale_mse" in out:
+            for k, a in enumerate(out["per_scale_mse"]):
+                vals[f"prefix_mse_scale{k}"] = float(a)
+        return vals
+
+    def _accumulate(self, split: str, vals: dict[str, float], n: int) -> None:
+        acc = self._epoch_sums.setdefault(split, {"_n": 0.0})
+        acc["_n"] += n
+        for k, v in vals.items():
+            acc[k] = acc.get(k, 0.0) + v * n
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:  # noqa: D102
+        out = self._step(batch)
+        n = batch["expression"].shape[0]
+        vals = self._scalars(out)
+        self._accumulate("train", vals, n)
+        self.log("train_loss", out["loss"], prog_bar=True, batch_size=n)
+        return out["loss"]
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
+        out = self._step(batch)
+        n = batch["expression"].shape[0]
+        self._accumulate("validation", self._scalars(out), n)
+        self.log("validation_loss", out["loss"], prog_bar=True, batch_size=n, sync_dist=True)
+
+    def on_train_epoch_start(self) -> None:  # noqa: D102
+        if self.stage == 1:
+            self.module.vqvae.quantizer.reset_usage()
+
+    def epoch_summary(self, split: str) -> dict[str, float]:
+        """Mean of each logged scalar over the epoch for ``split`` (and codebook use after a stage-1 epoch)."""
+        acc = self._epoch_sums.pop(split, None)
+        if not acc or acc["_n"] == 0:
+            return {}
+        n = acc.pop("_n")
+        out = {f"{split}_{k}": v / n for k, v in acc.items()}
+        if split == "train" and self.stage == 1:
+            usage = self.module.vqvae.quantizer.usage.double()
+            p = usage / usage.sum().clamp_min(1)
+            out["codebook_utilisation"] = float((usage > 0).double().mean())
+            out["codebook_perplexity"] = float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+        return out
+
+    def configure_optimizers(self):  # noqa: D102
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        if not self.lr_warmup_steps:
+            return opt
+        warm = self.lr_warmup_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class HistoryCallback(pl.Callback):
+    """Collect one row of epoch means per epoch into ``rows`` and log them to the Lightning logger."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+        self._pending: dict[str, float] = {}
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, plan: VARSTTrainingPlan) -> None:  # noqa: D102
+        if trainer.sanity_checking:
+            plan._epoch_sums.pop("validation", None)
+            return
+        self._pending.update(plan.epoch_summary("validation"))
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, plan: VARSTTrainingPlan) -> None:  # noqa: D102
+        row = {"epoch": float(trainer.current_epoch), **plan.epoch_summary("train"), **self._pending}
+        self._pending = {}
+        self.rows.append(row)
+        loggable = {k: v for k, v in row.items() if k != "epoch"}
+        if "validation_loss" in loggable:
+            plan.log("validation_loss_epoch", loggable["validation_loss"], sync_dist=True)
+        if trainer.logger is not None:
+            trainer.logger.log_metrics(loggable, step=trainer.current_epoch)
+
+    # the history travels in Lightning's resume checkpoints, so a resumed run reports every epoch
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # noqa: D102
+        self.rows = [dict(r) for r in state_dict.get("rows", [])]
+
+
+def checkpoint_callback(root_dir: str | os.PathLike | None, stage: int, has_validation: bool) -> pl.Callback:
+    """Lightning checkpoints of one stage in ``<root_dir>/checkpoints/stage<k>/``.
+
+    ``last.ckpt`` is written after every epoch (the point ``ckpt_path="last"`` resumes from after an interruption);
+    with a validation set, ``best.ckpt`` holds the epoch with the lowest validation loss. Both are Lightning's own
+    resume files (weights, optimizer, loop and callback state), not the package's exported safetensors checkpoints.
+    Saving happens at the end of each training epoch, after validation and after the history row is recorded.
+    """
+    return pl.callbacks.ModelCheckpoint(
+        dirpath=Path(root_dir or ".") / "checkpoints" / f"stage{stage}",
+        filename="best",
+        monitor="validation_loss" if has_validation else None,
+        mode="min",
+        save_top_k=1 if has_validation else 0,
+        save_last=True,
+        save_on_train_epoch_end=True,
+        enable_version_counter=False,
+    )
+
+
+def load_best_weights(plan: pl.LightningModule, ckpt: pl.Callback) -> str | None:
+    """Load the weights of ``ckpt.best_model_path`` into ``plan`` and return that path.
+
+    Returns None when there is none (e.g. a ``fast_dev_run`` saved nothing). Reads only tensors and plain containers
+    (``weights_only=True``).
+    """
+    path = getattr(ckpt, "best_model_path", "")
+    if not path or not os.path.isfile(path):
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    plan.load_state_dict(state)
+    return path

@@ -1,0 +1,838 @@
+"""The user-facing VARST model: AnnData in, AnnData out, in the scvi-tools habit.
+
+``setup_anndata`` registers the fields, ``train(stage=1|2)`` runs Lightning, ``get_tokens`` / ``reconstruct`` /
+``predict_expression`` stream batches and write documented keys, ``save`` / ``load`` use safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+
+from .._constants import ADATA_KEYS, REGISTRY_KEYS
+from .._targets import TARGET_KINDS, expression_target
+from ..module import TwoStageVARST
+from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
+from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
+from ._training import HistoryCallback, SpotDataset, VARSTTrainingPlan, checkpoint_callback, load_best_weights
+from ._validation import check_anndata, check_coords, check_counts, check_histology, get_layer, get_obsm
+
+logger = logging.getLogger(__name__)
+
+Stage = Literal[1, 2]
+_WEIGHTS_FILE = "model.safetensors"
+_META_FILE = "varst.json"
+_DEFAULT_BATCH = {1: 256, 2: 64}
+_DEFAULT_EPOCHS = {"seed": {1: 150, 2: 300}, "cpu": {1: 60, 2: 60}}
+
+
+class VARST:
+    """Two-Stage VAR-ST: predict spatial gene expression from histology embeddings and spot coordinates.
+
+    Stage 1 learns a multi-scale gene VQ-VAE that turns each spot's expression into tokens (1 + 8 + 32 + G for the
+    default scales); stage 2 learns a VAR transformer that generates those tokens scale by scale from histology and
+    coordinates; the frozen stage-1 decoder turns generated tokens into expression.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`; its genes are the genes the model predicts.
+    preset
+        ``"seed"`` (the seed guide's sizes, for a GPU) or ``"cpu"`` (small; both stages train in minutes on a laptop).
+    vqvae_config, var_config
+        Overrides of the preset, with the seed guide's key names (see :func:`varst_scverse.module.resolve_configs`).
+    target
+        ``"log1p"`` (``log1p(counts)``, HEST's convention) or ``"cp10k"`` (``log1p`` of counts per 10,000). For
+        ``"cp10k"`` the library size is ``obs['varst_total_counts']`` when present (set it to the totals over all
+        genes before subsetting to the modelled genes), else the sum over the AnnData's genes.
+    seed
+        Seed for the weights, the data split and sampling.
+
+    Examples
+    --------
+    >>> import varst_scverse as varst
+    >>> adata = varst.datasets.synthetic(n_spots=200, n_genes=40)
+    >>> varst.VARST.setup_anndata(adata, layer="counts", batch_key="section")
+    >>> model = varst.VARST(adata, preset="cpu", vqvae_config={"scales": (1, 4, 8, None)})
+    >>> model.get_model_info()["n_tokens"]
+    53
+    """
+
+    _managers: ClassVar[dict[str, Any]] = {}
+
+    # ------------------------------------------------------------------ setup
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        histology_key: str = ADATA_KEYS.HISTOLOGY,
+        spatial_key: str = ADATA_KEYS.SPATIAL,
+        batch_key: str | None = None,
+    ) -> None:
+        """Register the AnnData fields VARST reads, after checking them.
+
+        Parameters
+        ----------
+        adata
+            Spots × genes with raw counts.
+        layer
+            Layer with raw counts; ``None`` uses ``X``.
+        histology_key
+            ``obsm`` key of the per-spot histology embedding (any width). A row that is entirely NaN marks a spot
+            without an image: such expression-only spots still train stage 1 (the tokenizer) and are left out of
+            stage 2. A partly-NaN row is an error.
+        spatial_key
+            ``obsm`` key of the spot coordinates (2 columns, any unit; normalised per section).
+        batch_key
+            ``obs`` column naming the section of each spot; coordinates are normalised and neighbours found within
+            a section. ``None`` treats all spots as one section.
+
+        Notes
+        -----
+        Like every scvi-tools model, registration stores its bookkeeping in ``adata.uns['_scvi_uuid']``,
+        ``adata.uns['_scvi_manager_uuid']`` and ``adata.obs['_scvi_batch']``; nothing else is written.
+        """
+        from scvi.data import AnnDataManager
+        from scvi.data.fields import CategoricalObsField, LayerField, ObsmField
+
+        check_anndata(adata)
+        check_counts(get_layer(adata, layer), f"layer {layer!r}" if layer else "adata.X")
+        check_histology(get_obsm(adata, histology_key, "Histology"), histology_key)
+        check_coords(get_obsm(adata, spatial_key, "Spatial"), spatial_key)
+        if batch_key is not None and batch_key not in adata.obs:
+            raise KeyError(f"batch_key {batch_key!r} not found in adata.obs; columns: {list(adata.obs.columns)}.")
+        setup_args = {
+            "layer": layer,
+            "histology_key": histology_key,
+            "spatial_key": spatial_key,
+            "batch_key": batch_key,
+        }
+        fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True, correct_data_format=False),
+            ObsmField(REGISTRY_KEYS.HISTOLOGY_KEY, histology_key, correct_data_format=False),
+            ObsmField(REGISTRY_KEYS.SPATIAL_KEY, spatial_key, correct_data_format=False),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+        ]
+        manager = AnnDataManager(
+            fields=fields, setup_method_args={"model_name": cls.__name__, "setup_args": setup_args}
+        )
+        manager.register_fields(adata)
+        cls._managers[manager.adata_uuid] = manager
+
+    @classmethod
+    def _get_manager(cls, adata: AnnData):
+        uid = adata.uns.get("_scvi_uuid")
+        if uid is None or uid not in cls._managers:
+            raise ValueError(
+                "This AnnData is not registered with VARST; call `varst.VARST.setup_anndata(adata, layer=..., "
+                "histology_key=..., spatial_key=..., batch_key=...)` first."
+            )
+        return cls._managers[uid]
+
+    # ------------------------------------------------------------------ init
+    def __init__(
+        self,
+        adata: AnnData,
+        preset: str = "seed",
+        vqvae_config: dict[str, Any] | None = None,
+        var_config: dict[str, Any] | None = None,
+        target: str = "log1p",
+        seed: int = 0,
+    ) -> None:
+        check_anndata(adata)
+        manager = self._get_manager(adata)
+        if target not in TARGET_KINDS:
+            raise ValueError(f"target must be one of {TARGET_KINDS}, got {target!r}.")
+        self.setup_args_ = dict(manager.registry["setup_args"])
+        self.init_params_ = {
+            "preset": preset,
+            "vqvae_config": vqvae_config,
+            "var_config": var_config,
+            "target": target,
+            "seed": seed,
+        }
+        self.adata = adata
+        self.adata_manager = manager
+        self.gene_names_ = [str(g) for g in adata.var_names]
+        hist = get_obsm(adata, self.setup_args_["histology_key"], "Histology")
+        torch.manual_seed(seed)
+        self.module = TwoStageVARST(
+            num_genes=adata.n_vars,
+            vqvae_config=vqvae_config,
+            var_config=var_config,
+            histology_dim=hist.shape[1],
+            preset=preset,
+        )
+        y = self._target(adata)
+        order = cluster_gene_order(y)
+        self.module.gene_order.copy_(torch.as_tensor(order))
+        self.module.vqvae.set_standardisation(torch.as_tensor(y.mean(0)[order]), torch.as_tensor(y.std(0)[order]))
+        has = ~np.isnan(hist).all(1)
+        if has.any():
+            h = hist[has].astype(np.float64)
+            self.module.condition.set_standardisation(torch.as_tensor(h.mean(0)), torch.as_tensor(h.std(0)))
+        self.history_: dict[str, pd.DataFrame] = {}
+        self.is_trained_ = {1: False, 2: False}
+
+    def __repr__(self) -> str:
+        info = self.module.get_model_info()
+        return (
+            f"VARST(preset={self.init_params_['preset']!r}, genes={info['num_genes']}, tokens={info['n_tokens']}, "
+            f"vocab={info['vocab_size']}, stage1_trained={self.is_trained_[1]}, stage2_trained={self.is_trained_[2]})"
+        )
+
+    # ------------------------------------------------------------------ inputs
+    @property
+    def preset(self) -> str:
+        """The preset the model was built from."""
+        return self.init_params_["preset"]
+
+    def _gene_positions(self, adata: AnnData) -> np.ndarray:
+        pos = adata.var_names.get_indexer(self.gene_names_)
+        if (pos < 0).any():
+            missing = [g for g, p in zip(self.gene_names_, pos) if p < 0]
+            raise KeyError(
+                f"{len(missing)} of the model's {len(self.gene_names_)} genes are missing from this AnnData, e.g. "
+                f"{missing[:5]}; expression-based methods need all of them (predict_expression needs none)."
+            )
+        return pos
+
+    def _target(self, adata: AnnData, rows: np.ndarray | slice = slice(None)) -> np.ndarray:
+        counts = get_layer(adata, self.setup_args_["layer"])
+        pos = self._gene_positions(adata)
+        sub = counts[rows]
+        check_counts(sub, "the counts layer")
+        total = None
+        if self.init_params_["target"] == "cp10k":
+            # library size over all genes when the reader left it in obs, else over the AnnData's genes
+            if ADATA_KEYS.TOTAL_COUNTS in adata.obs:
+                total = adata.obs[ADATA_KEYS.TOTAL_COUNTS].to_numpy()[rows]
+            else:
+                total = np.asarray(sub.sum(1)).reshape(-1)
+        return expression_target(sub[:, pos], self.init_params_["target"], total_counts=total)
+
+    def _spatial_inputs(self, adata: AnnData) -> dict[str, np.ndarray]:
+        """Histology, has-histology mask, normalised coordinates, section codes and neighbour index of a query."""
+        sa = self.setup_args_
+        hist = get_obsm(adata, sa["histology_key"], "Histology")
+        has = check_histology(hist, sa["histology_key"])
+        if hist.shape[1] != self.module.histology_dim:
+            raise ValueError(
+                f"adata.obsm[{sa['histology_key']!r}] has {hist.shape[1]} features but the model was trained on "
+                f"{self.module.histology_dim}; embed this section with the same encoder as the training data."
+            )
+        xy = check_coords(get_obsm(adata, sa["spatial_key"], "Spatial"), sa["spatial_key"])
+        groups = None
+        if sa["batch_key"] is not None:
+            if sa["batch_key"] in adata.obs:
+                groups = pd.Categorical(adata.obs[sa["batch_key"]]).codes
+            else:
+                warnings.warn(
+                    f"obs[{sa['batch_key']!r}] is missing in this AnnData; treating all spots as one section.",
+                    stacklevel=3,
+                )
+        out = {"histology": hist, "has_histology": has, "coords": normalise_coords(xy, groups)}
+        k = self.module.var_config["neighbour_k"]
+        out["neighbour_index"] = neighbour_index(xy, groups, k) if k > 0 else None
+        return out
+
+    def _batch_tensors(self, sp: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, torch.Tensor]:
+        out = {
+            "histology": torch.as_tensor(np.asarray(sp["histology"][rows], dtype=np.float32)),
+            "coords": torch.as_tensor(sp["coords"][rows]),
+        }
+        if sp["neighbour_index"] is not None:
+            out["neighbours"] = torch.as_tensor(neighbour_mean(sp["histology"], sp["neighbour_index"], rows))
+        return out
+
+    def _validate_adata(self, adata: AnnData | None) -> AnnData:
+        if adata is None:
+            return self.adata
+        return check_anndata(adata)
+
+    # ------------------------------------------------------------------ training
+    def train(
+        self,
+        stage: Stage = 1,
+        max_epochs: int | None = None,
+        batch_size: int | None = None,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        train_size: float = 0.9,
+        early_stopping: bool = False,
+        early_stopping_patience: int = 10,
+        accelerator: str = "cpu",
+        devices: int | str | list[int] = 1,
+        strategy: str = "auto",
+        precision: str | int = "32",
+        accumulate_grad_batches: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        lr_warmup_steps: int = 0,
+        enable_progress_bar: bool = True,
+        logger: Any = False,
+        default_root_dir: str | None = None,
+        callbacks: list | None = None,
+        ckpt_path: str | None = None,
+        save_checkpoints: bool = False,
+        restore_best: bool = False,
+        seed: int | None = None,
+        **trainer_kwargs: Any,
+    ) -> pd.DataFrame:
+        """Train one stage with Lightning.
+
+        Parameters
+        ----------
+        stage
+            1 trains the tokenizer on every spot with expression; 2 trains the transformer on spots that also have
+            histology, with the tokenizer frozen. Stage 2 refuses to start before stage 1 is trained or loaded.
+        max_epochs, batch_size, lr, weight_decay
+            Optimisation; defaults follow the seed guide (stage 1: 256 spots per batch, stage 2: 64).
+        train_size
+            Fraction of spots used for training; the rest is the validation set (``1.0`` = none).
+        early_stopping, early_stopping_patience
+            Stop when the validation loss has not improved for this many epochs.
+        accelerator, devices, strategy, precision, accumulate_grad_batches
+            Passed to :class:`lightning.pytorch.Trainer` (e.g. ``accelerator="gpu", devices=2, strategy="ddp",
+            precision="bf16-mixed"``). ``"ddp"``, ``"ddp_spawn"``, ``"ddp_fork"`` and ``"ddp_notebook"`` run with
+            ``find_unused_parameters=True``: each stage leaves some parameters without gradient.
+        num_workers, pin_memory
+            DataLoader settings.
+        lr_warmup_steps
+            Linear learning-rate warm-up.
+        enable_progress_bar, logger, default_root_dir, callbacks, ckpt_path
+            Lightning options; ``logger=True`` writes TensorBoard logs under ``default_root_dir``; ``ckpt_path``
+            resumes from a Lightning checkpoint (a path, or ``"last"``: the latest one written with
+            ``save_checkpoints=True`` in the same ``default_root_dir``; nothing to resume starts afresh).
+        save_checkpoints
+            Write Lightning checkpoints to ``<default_root_dir>/checkpoints/stage<k>/`` at the end of every epoch:
+            ``last.ckpt`` (the resume point after an interruption) and, with a validation set, ``best.ckpt``
+            (lowest validation loss). They are Lightning's resume files (weights, optimizer, loop and history state);
+            export models with :meth:`save`.
+        restore_best
+            After training, load the weights of the epoch with the lowest validation loss (needs
+            ``save_checkpoints=True`` and ``train_size < 1``).
+        seed
+            Seed of this run (defaults to the model's seed).
+        **trainer_kwargs
+            Further :class:`~lightning.pytorch.Trainer` arguments.
+
+        Returns
+        -------
+        The per-epoch history of this stage (also in ``model.history_[f"stage{stage}"]``).
+        """
+        import lightning.pytorch as lpl
+
+        if stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {stage!r}.")
+        if stage == 2 and not self.module.stage1_trained:
+            raise RuntimeError(
+                "Stage 2 needs a trained stage-1 tokenizer. Run `model.train(stage=1)` first, or load a model "
+                "whose stage 1 is trained (`VARST.load(dir, adata)`; on the command line `--stage1_ckpt PATH`)."
+            )
+        if not 0 < train_size <= 1:
+            raise ValueError(f"train_size must lie in (0, 1], got {train_size}.")
+        seed = self.init_params_["seed"] if seed is None else seed
+        lpl.seed_everything(seed, workers=True, verbose=False)
+        adata = self.adata
+        arrays: dict[str, np.ndarray | None] = {"expression": self._target(adata)}
+        if stage == 1:
+            rows = np.arange(adata.n_obs)
+        else:
+            sp = self._spatial_inputs(adata)
+            rows = np.flatnonzero(sp["has_histology"])
+            if rows.size == 0:
+                raise ValueError(
+                    "No spot has histology features (every row of the histology obsm is NaN); stage 2 learns from "
+                    "spots with both expression and histology. Embed the images first (varst.pp.embed_histology)."
+                )
+            arrays["histology"] = np.nan_to_num(sp["histology"]).astype(np.float32)
+            arrays["coords"] = sp["coords"]
+            if sp["neighbour_index"] is not None:
+                arrays["neighbours"] = neighbour_mean(sp["histology"], sp["neighbour_index"], slice(None))
+            self.module.eval()
+            with torch.inference_mode():
+                arrays["tokens"] = np.concatenate(
+                    [
+                        self.module.tokenize(torch.as_tensor(arrays["expression"][c])).numpy()
+                        for c in _chunks(rows, 2048)
+                    ]
+                    or [np.zeros((0, self.module.n_tokens), dtype=np.int64)]
+                )
+            tok = np.zeros((adata.n_obs, self.module.n_tokens), dtype=np.int64)
+            tok[rows] = arrays["tokens"]
+            arrays["tokens"] = tok
+        rng = np.random.default_rng(seed)
+        rows = rng.permutation(rows)
+        n_train = len(rows) if train_size >= 1 else max(1, int(round(train_size * len(rows))))
+        train_rows, val_rows = rows[:n_train], rows[n_train:]
+        batch_size = batch_size or _DEFAULT_BATCH[stage]
+        max_epochs = max_epochs or _DEFAULT_EPOCHS.get(self.preset, _DEFAULT_EPOCHS["seed"])[stage]
+        loader_kw = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
+        train_dl = torch.utils.data.DataLoader(
+            SpotDataset(arrays, train_rows), shuffle=True, drop_last=len(train_rows) > batch_size, **loader_kw
+        )
+        val_dl = (
+            torch.utils.data.DataLoader(SpotDataset(arrays, val_rows), shuffle=False, **loader_kw)
+            if len(val_rows)
+            else None
+        )
+        if restore_best and not (save_checkpoints and val_dl is not None):
+            raise ValueError("restore_best needs save_checkpoints=True and a validation set (train_size < 1).")
+        if ckpt_path == "last" and not save_checkpoints:
+            raise ValueError('ckpt_path="last" resumes from checkpoints written with save_checkpoints=True; pass both.')
+        self.module.set_training_stage(stage)
+        plan = VARSTTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_warmup_steps=lr_warmup_steps)
+        history = HistoryCallback()
+        cbs = [history, *(callbacks or [])]
+        if early_stopping:
+            if val_dl is None:
+                raise ValueError("early_stopping needs a validation set; use train_size < 1.")
+            cbs.append(lpl.callbacks.EarlyStopping("validation_loss", patience=early_stopping_patience))
+        ckpt_cb = checkpoint_callback(default_root_dir, stage, val_dl is not None) if save_checkpoints else None
+        if ckpt_cb is not None:
+            cbs.append(ckpt_cb)
+        if logger is True:
+            logger = lpl.loggers.TensorBoardLogger(default_root_dir or "lightning_logs", name=f"stage{stage}")
+        if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
+            # some parameters get no gradient in a step (the other stage's; the null condition when no spot is
+            # dropped), which plain DDP refuses
+            strategy = f"{strategy}_find_unused_parameters_true"
+        trainer = lpl.Trainer(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            strategy=strategy,
+            precision=precision,
+            accumulate_grad_batches=accumulate_grad_batches,
+            enable_progress_bar=enable_progress_bar,
+            logger=logger,
+            callbacks=cbs,
+            default_root_dir=default_root_dir,
+            enable_checkpointing=any(isinstance(c, lpl.callbacks.ModelCheckpoint) for c in cbs),
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            **trainer_kwargs,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            trainer.fit(plan, train_dl, val_dl, ckpt_path=ckpt_path)
+        if restore_best and load_best_weights(plan, ckpt_cb) is None:
+            warnings.warn("restore_best: no best checkpoint was written; kept the last weights.", stacklevel=2)
+        self.module.eval()
+        if stage == 1:
+            self.module.stage1_trained = True
+        else:
+            self.module.stage2_trained = True
+        self.is_trained_[stage] = True
+        df = pd.DataFrame(history.rows)
+        key = f"stage{stage}"
+        self.history_[key] = pd.concat([self.history_[key], df], ignore_index=True) if key in self.history_ else df
+        return df
+
+    # ------------------------------------------------------------------ outputs
+    def _rows(self, adata: AnnData, indices) -> np.ndarray:
+        if indices is None:
+            return np.arange(adata.n_obs)
+        idx = np.asarray(indices)
+        if idx.dtype == bool:
+            if idx.shape[0] != adata.n_obs:
+                raise ValueError(f"Boolean indices have length {idx.shape[0]}, the AnnData has {adata.n_obs} spots.")
+            return np.flatnonzero(idx)
+        return idx.astype(np.int64)
+
+    @torch.inference_mode()
+    def get_tokens(self, adata: AnnData | None = None, indices=None, batch_size: int | None = None) -> np.ndarray:
+        """Stage-1 tokens of every spot, ``[n_spots, n_tokens]`` (scales coarse to fine); also ``obsm['varst_tokens']``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes (raw counts in the registered layer); defaults to the training data.
+        indices
+            Spots to tokenize (all by default); ``obsm`` is written only when all spots are.
+        batch_size
+            Spots per batch.
+        """
+        self._require(1)
+        adata = self._validate_adata(adata)
+        rows = self._rows(adata, indices)
+        self.module.eval()
+        out = [
+            self.module.tokenize(torch.as_tensor(self._target(adata, chunk))).numpy()
+            for chunk in _chunks(rows, batch_size or 1024)
+        ]
+        tokens = np.concatenate(out) if out else np.zeros((0, self.module.n_tokens), dtype=np.int64)
+        if indices is None:
+            adata.obsm[ADATA_KEYS.TOKENS] = tokens
+        return tokens
+
+    @torch.inference_mode()
+    def reconstruct(
+        self, adata: AnnData | None = None, indices=None, n_scales: int | None = None, batch_size: int | None = None
+    ) -> np.ndarray:
+        """Tokenize and decode each spot's expression (target scale); also ``layers['varst_reconstructed']``.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; defaults to the training data.
+        indices
+            Spots to reconstruct (all by default); the layer is written only when all spots are.
+        n_scales
+            Decode from only the ``n_scales`` coarsest scales (e.g. 1 = global token only).
+        batch_size
+            Spots per batch.
+
+        Returns
+        -------
+        ``[n_spots, n_model_genes]`` in the order the genes have in ``adata``.
+        """
+        self._require(1)
+        adata = self._validate_adata(adata)
+        rows = self._rows(adata, indices)
+        self.module.eval()
+        out = [
+            self.module.reconstruct(torch.as_tensor(self._target(adata, chunk)), n_scales).numpy()
+            for chunk in _chunks(rows, batch_size or 1024)
+        ]
+        rec = np.concatenate(out) if out else np.zeros((0, len(self.gene_names_)), dtype=np.float32)
+        pos = self._gene_positions(adata)
+        order = np.argsort(pos)
+        if indices is None:
+            layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+            layer[:, pos] = rec
+            adata.layers[ADATA_KEYS.RECONSTRUCTED] = layer
+        return rec[:, order]
+
+    @torch.inference_mode()
+    def predict_expression(
+        self,
+        adata: AnnData | None = None,
+        indices=None,
+        n_samples: int = 10,
+        decode: Literal["expected", "mean_of_samples", "greedy"] = "expected",
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        cfg: float = 1.0,
+        batch_size: int = 512,
+        add_to_adata: bool = True,
+        seed: int | None = None,
+        return_prefixes: bool = False,
+        use_cache: bool = True,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Predict expression from histology and coordinates alone.
+
+        Works on a query AnnData with histology and coordinates and no expression (or genes it ignores).
+
+        Parameters
+        ----------
+        adata
+            Query with the registered histology and spatial ``obsm`` keys (and the section column when the model
+            was set up with ``batch_key``); defaults to the training data.
+        indices
+            Spots to predict (all by default).
+        n_samples
+            Sampled generations per spot; their spread is the uncertainty (0 = no sampling, no uncertainty).
+        decode
+            Point prediction: ``"expected"`` (probability-weighted codes, the default), ``"mean_of_samples"`` (mean
+            of the sampled decodes) or ``"greedy"`` (most likely code at each scale).
+        temperature, top_k, top_p
+            Sampling controls.
+        cfg
+            Classifier-free guidance scale (1 = none).
+        batch_size
+            Spots per batch (memory scales with it, not with the number of spots).
+        add_to_adata
+            Write ``layers['varst_predicted']`` and ``layers['varst_uncertainty']`` (NaN for genes the model does
+            not predict) and ``obsm['varst_tokens']``; when the query lacks some model genes the predictions go to
+            ``obsm['varst_predicted']`` / ``obsm['varst_uncertainty']`` as DataFrames with gene columns instead.
+        seed
+            Seed of the sampler (defaults to the model's seed).
+        return_prefixes
+            Also return the point prediction after each generated scale, ``[n_scales, n_spots, n_genes]``.
+        use_cache
+            Generate with the KV cache (one pass per scale over the new tokens only).
+
+        Returns
+        -------
+        ``[n_spots, n_genes]`` on the target scale: in the query's gene order when it holds exactly the model's genes,
+        otherwise in the model's order (``model.gene_names_``). With ``return_prefixes``, a tuple with the prefixes.
+        """
+        self._require(2)
+        if decode not in ("expected", "mean_of_samples", "greedy"):
+            raise ValueError(f"decode must be 'expected', 'mean_of_samples' or 'greedy', got {decode!r}.")
+        if n_samples < 0 or (decode == "mean_of_samples" and n_samples < 1):
+            raise ValueError(f"n_samples must be >= 0 (>= 1 for decode='mean_of_samples'), got {n_samples}.")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}.")
+        adata = self._validate_adata(adata)
+        sp = self._spatial_inputs(adata)
+        rows = self._rows(adata, indices)
+        missing = ~sp["has_histology"][rows]
+        if missing.all():
+            raise ValueError(
+                "None of the requested spots has histology (all-NaN rows in the histology obsm); embed their images "
+                "first (varst.pp.embed_histology)."
+            )
+        if missing.any():
+            warnings.warn(
+                f"{int(missing.sum())} spots have no histology (all-NaN rows); their predictions are NaN.",
+                stacklevel=2,
+            )
+        rows = rows[~missing]
+        seed = self.init_params_["seed"] if seed is None else seed
+        gen = torch.Generator().manual_seed(seed)
+        self.module.eval()
+        mean_parts, std_parts, tok_parts, pre_parts = [], [], [], []
+        sample_kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg, "use_cache": use_cache}
+        for chunk in _chunks(rows, batch_size):
+            b = self._batch_tensors(sp, chunk)
+            args = (b["histology"], b["coords"], b.get("neighbours"))
+            samples = None
+            if n_samples > 0:
+                mos_prefixes = return_prefixes and decode == "mean_of_samples"
+                s = self.module.generate(
+                    *args,
+                    decode="sample",
+                    n_samples=n_samples,
+                    generator=gen,
+                    return_prefixes=mos_prefixes,
+                    **sample_kw,
+                )
+                samples = s["expression"]
+            if decode == "mean_of_samples":
+                point = samples.mean(0)
+                tokens = s["tokens"][0]
+                pre = s["prefix_expression"].mean(1) if return_prefixes else None
+            else:
+                p = self.module.generate(
+                    *args, decode=decode, n_samples=1, return_prefixes=return_prefixes, **sample_kw
+                )
+                point, tokens = p["expression"][0], p["tokens"][0]
+                pre = p["prefix_expression"][:, 0] if return_prefixes else None
+            mean_parts.append(point.numpy())
+            std_parts.append(
+                samples.std(0, unbiased=False).numpy() if samples is not None else np.zeros_like(point.numpy())
+            )
+            tok_parts.append(tokens.numpy())
+            if pre is not None:
+                pre_parts.append(pre.numpy())
+        pred = _fill_rows(np.concatenate(mean_parts), ~missing, np.nan)
+        unc = _fill_rows(np.concatenate(std_parts), ~missing, np.nan)
+        tokens = _fill_rows(np.concatenate(tok_parts), ~missing, -1)
+        if pre_parts:  # [n_scales, n_spots, n_genes]
+            pre_parts = [_fill_rows(np.concatenate(pre_parts, axis=1).swapaxes(0, 1), ~missing, np.nan).swapaxes(0, 1)]
+        pos = adata.var_names.get_indexer(self.gene_names_)
+        if add_to_adata and indices is None:
+            self._write_predictions(adata, pred, unc, tokens, pos)
+        same_genes = adata.n_vars == len(self.gene_names_) and (pos >= 0).all()
+        if same_genes:
+            order = np.argsort(pos)
+            pred = pred[:, order]
+            pre_parts = [p[..., order] for p in pre_parts]
+        if return_prefixes:
+            return pred, pre_parts[0]
+        return pred
+
+    def predict_samples(
+        self, adata: AnnData | None = None, n_samples: int = 10, batch_size: int = 512, seed: int | None = None, **kw
+    ) -> np.ndarray:
+        """Sampled predictions ``[n_samples, n_spots, n_genes]`` in the model's gene order (for calibration checks)."""
+        self._require(2)
+        adata = self._validate_adata(adata)
+        sp = self._spatial_inputs(adata)
+        gen = torch.Generator().manual_seed(self.init_params_["seed"] if seed is None else seed)
+        self.module.eval()
+        parts = []
+        with torch.inference_mode():
+            for chunk in _chunks(np.arange(adata.n_obs), batch_size):
+                b = self._batch_tensors(sp, chunk)
+                out = self.module.generate(
+                    b["histology"],
+                    b["coords"],
+                    b.get("neighbours"),
+                    decode="sample",
+                    n_samples=n_samples,
+                    generator=gen,
+                    **kw,
+                )
+                parts.append(out["expression"].numpy())
+        return np.concatenate(parts, axis=1)
+
+    def _write_predictions(self, adata, pred, unc, tokens, pos) -> None:
+        adata.obsm[ADATA_KEYS.TOKENS] = tokens
+        if (pos >= 0).all():
+            for key, val in ((ADATA_KEYS.PREDICTED, pred), (ADATA_KEYS.UNCERTAINTY, unc)):
+                layer = np.full((adata.n_obs, adata.n_vars), np.nan, dtype=np.float32)
+                layer[:, pos] = val
+                adata.layers[key] = layer
+        else:
+            for key, val in ((ADATA_KEYS.PREDICTED, pred), (ADATA_KEYS.UNCERTAINTY, unc)):
+                adata.obsm[key] = pd.DataFrame(val, index=adata.obs_names, columns=self.gene_names_)
+
+    def _require(self, stage: int) -> None:
+        if stage == 1 and not self.module.stage1_trained:
+            raise RuntimeError("Stage 1 is not trained yet; call `model.train(stage=1)` first.")
+        if stage == 2 and not self.module.stage2_trained:
+            what = "model.train(stage=2)" if self.module.stage1_trained else "model.train(stage=1), then stage=2"
+            raise RuntimeError(f"Stage 2 is not trained yet; call `{what}` before predicting from histology.")
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Parameters per stage, current stage, vocabulary, scales, token counts, configs and training state."""
+        info = self.module.get_model_info()
+        info.update(
+            {
+                "target": self.init_params_["target"],
+                "n_genes": len(self.gene_names_),
+                "setup_args": dict(self.setup_args_),
+                "epochs_trained": {k: len(v) for k, v in self.history_.items()},
+            }
+        )
+        return info
+
+    def codebook_usage(self, adata: AnnData | None = None) -> np.ndarray:
+        """How often each code is used by the tokens of ``adata`` (default: the training data), ``[vocab_size]``."""
+        tokens = self.get_tokens(adata)
+        return np.bincount(tokens.reshape(-1), minlength=self.module.vqvae_config["vocab_size"])
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, dir_path: str | os.PathLike, overwrite: bool = False, save_anndata: bool = False) -> None:
+        """Save weights (safetensors) and everything else (JSON) to ``dir_path``; never unpickled on load.
+
+        Parameters
+        ----------
+        dir_path
+            Target directory; written to a temporary sibling first and then renamed into place.
+        overwrite
+            Replace an existing directory. Without it an existing path is an error and stays untouched.
+        save_anndata
+            Also write the training AnnData as ``adata.h5ad``.
+        """
+        dir_path = Path(dir_path)
+        if dir_path.exists() and not overwrite:
+            raise FileExistsError(f"{dir_path} already exists; pass overwrite=True to replace it.")
+        dir_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dir_path.name}.", dir=dir_path.parent))
+        try:
+            self.module.save_complete_model(tmp / _WEIGHTS_FILE)
+            meta = {
+                "format_version": FORMAT_VERSION,
+                "class": type(self).__name__,
+                "init_params": _json_safe(self.init_params_),
+                "setup_args": self.setup_args_,
+                "gene_names": self.gene_names_,
+                "is_trained": {str(k): v for k, v in self.is_trained_.items()},
+                "history": {k: v.to_dict(orient="list") for k, v in self.history_.items()},
+            }
+            (tmp / _META_FILE).write_text(json.dumps(meta, indent=1))
+            if save_anndata:
+                self.adata.write_h5ad(tmp / "adata.h5ad")
+            if dir_path.exists():
+                old = dir_path.with_name(f".{dir_path.name}.old")
+                if old.exists():
+                    shutil.rmtree(old)
+                os.replace(dir_path, old)
+                os.replace(tmp, dir_path)
+                shutil.rmtree(old)
+            else:
+                os.replace(tmp, dir_path)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+
+    @classmethod
+    def load(cls, dir_path: str | os.PathLike, adata: AnnData | None = None) -> VARST:
+        """Load a model saved with :meth:`save`.
+
+        Parameters
+        ----------
+        dir_path
+            Directory written by :meth:`save`.
+        adata
+            AnnData to attach (a query for prediction, or training data to continue training). Registered with the
+            saved setup arguments when it is not registered yet (only possible when it holds the counts layer);
+            defaults to ``adata.h5ad`` in the directory when saved with ``save_anndata=True``.
+        """
+        import anndata as ad
+
+        dir_path = Path(dir_path)
+        meta_file = dir_path / _META_FILE
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{meta_file} not found; pass a directory written by VARST.save().")
+        try:
+            meta = json.loads(meta_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{meta_file} is damaged: {err}") from err
+        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+            raise ValueError(f"{dir_path} was saved by a newer varst-scverse; upgrade to load it.")
+        tensors, ck_meta = load_checkpoint(dir_path / _WEIGHTS_FILE)
+        if adata is None and (dir_path / "adata.h5ad").is_file():
+            adata = ad.read_h5ad(dir_path / "adata.h5ad")
+        if adata is None:
+            raise ValueError(f"Pass adata= to VARST.load: {dir_path} holds no saved AnnData.")
+        check_anndata(adata)
+        self = cls.__new__(cls)
+        self.setup_args_ = meta["setup_args"]
+        self.init_params_ = meta["init_params"]
+        self.gene_names_ = list(meta["gene_names"])
+        self.is_trained_ = {int(k): bool(v) for k, v in meta["is_trained"].items()}
+        self.history_ = {k: pd.DataFrame(v) for k, v in meta["history"].items()}
+        module = TwoStageVARST.from_checkpoint_meta(ck_meta)
+        try:
+            module.load_state_dict(tensors)
+        except RuntimeError as err:
+            raise ValueError(f"{dir_path}: weights do not match the saved architecture: {err}") from err
+        module.stage1_trained = bool(ck_meta["stage1_trained"])
+        module.stage2_trained = bool(ck_meta["stage2_trained"])
+        module.preset = self.init_params_["preset"]
+        module.set_training_stage(ck_meta["current_stage"], _allow_untrained=True)
+        module.eval()
+        self.module = module
+        self.adata = adata
+        uid = adata.uns.get("_scvi_uuid")
+        self.adata_manager = cls._managers.get(uid) if uid is not None else None
+        layer = self.setup_args_["layer"]
+        if self.adata_manager is None and (layer is None or layer in adata.layers) and adata.n_vars > 0:
+            try:
+                cls.setup_anndata(adata, **self.setup_args_)
+                self.adata_manager = cls._managers[adata.uns["_scvi_uuid"]]
+            except (KeyError, ValueError, TypeError) as err:
+                logger.info("Loaded model attached to an AnnData that cannot be registered for training: %s", err)
+        return self
+
+
+def _fill_rows(values: np.ndarray, keep: np.ndarray, fill) -> np.ndarray:
+    """Scatter ``values`` (rows where ``keep``) into an array with one row per ``keep`` entry, ``fill`` elsewhere."""
+    if keep.all():
+        return values
+    out = np.full((len(keep), *values.shape[1:]), fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
+    out[keep] = values
+    return out
+
+
+def _chunks(rows: np.ndarray, size: int):
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, tuple | list):
+        return [_json_safe(v) for v in obj]
+    return obj

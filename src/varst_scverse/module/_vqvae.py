@@ -1,0 +1,186 @@
+"""Stage 1: the multi-scale gene VQ-VAE that turns a spot's expression profile into tokens at several scales.
+
+Encoder: profile → one feature vector per (ordered) gene; quantiser: residual multi-scale codes; decoder: features →
+profile. Trained without histology; frozen in stage 2, where its decoder turns generated tokens back into expression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._quantizer import MultiScaleResidualQuantizer
+
+
+class GeneMixerBlock(nn.Module):
+    """One block of an MLP-mixer over ``[B, G, D]``: an MLP across genes, then an MLP across channels."""
+
+    def __init__(self, num_genes: int, dim: int, gene_hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.gene_mlp = nn.Sequential(nn.Linear(num_genes, gene_hidden), nn.GELU(), nn.Linear(gene_hidden, num_genes))
+        self.norm2 = nn.LayerNorm(dim)
+        self.channel_mlp = nn.Sequential(
+            nn.Linear(dim, 2 * dim), nn.GELU(), nn.Dropout(dropout), nn.Linear(2 * dim, dim)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = x + self.gene_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return x + self.channel_mlp(self.norm2(x))
+
+
+class GeneEncoder(nn.Module):
+    """Profile ``[B, G]`` → feature map ``[B, G, D]``: per-gene value tokens plus a whole-profile context, mixed."""
+
+    def __init__(self, num_genes: int, dim: int, hidden: int, n_layers: int, gene_hidden: int) -> None:
+        super().__init__()
+        self.value_scale = nn.Parameter(torch.randn(num_genes, dim) * 0.1)
+        self.gene_embed = nn.Parameter(torch.randn(num_genes, dim) * 0.02)
+        self.context = nn.Sequential(nn.Linear(num_genes, hidden), nn.GELU(), nn.Linear(hidden, dim))
+        self.blocks = nn.Sequential(*[GeneMixerBlock(num_genes, dim, gene_hidden) for _ in range(n_layers)])
+        self.out = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = z[:, :, None] * self.value_scale + self.gene_embed + self.context(z)[:, None, :]
+        return self.out(self.blocks(x))
+
+
+class GeneDecoder(nn.Module):
+    """Feature map ``[B, G, D]`` → profile ``[B, G]`` through mixing blocks and a per-gene linear read-out."""
+
+    def __init__(self, num_genes: int, dim: int, n_layers: int, gene_hidden: int) -> None:
+        super().__init__()
+        self.gene_embed = nn.Parameter(torch.randn(num_genes, dim) * 0.02)
+        self.blocks = nn.Sequential(*[GeneMixerBlock(num_genes, dim, gene_hidden) for _ in range(n_layers)])
+        self.norm = nn.LayerNorm(dim)
+        self.readout = nn.Parameter(torch.randn(num_genes, dim) / dim**0.5)
+        self.bias = nn.Parameter(torch.zeros(num_genes))
+
+    def forward(self, f_hat: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        x = self.norm(self.blocks(f_hat + self.gene_embed))
+        return (x * self.readout).sum(-1) + self.bias
+
+
+class MultiScaleGeneVQVAE(nn.Module):
+    """Stage 1 of Two-Stage VAR-ST.
+
+    Works on standardised ``log1p`` expression of genes already in the model's (clustered) order: the per-gene
+    mean and standard deviation live in buffers so that the module maps log-scale profiles to log-scale profiles.
+
+    Parameters
+    ----------
+    num_genes
+        Number of genes G.
+    scales
+        Positions per scale with ``None`` already resolved to G.
+    config
+        A complete ``vqvae_config`` (see :func:`varst_scverse.module.resolve_configs`).
+    """
+
+    def __init__(self, num_genes: int, scales: tuple[int, ...], config: dict[str, Any]) -> None:
+        super().__init__()
+        self.num_genes = num_genes
+        self.scales = tuple(scales)
+        self.config = dict(config)
+        dim = config["embed_dim"]
+        self.register_buffer("gene_mean", torch.zeros(num_genes))
+        self.register_buffer("gene_std", torch.ones(num_genes))
+        self.encoder = GeneEncoder(
+            num_genes, dim, config["hidden_dim"], config["num_mixer_layers"], config["gene_mixing_dim"]
+        )
+        self.quantizer = MultiScaleResidualQuantizer(
+            num_genes,
+            self.scales,
+            config["vocab_size"],
+            dim,
+            beta=config["beta"],
+            codebook_update=config["codebook_update"],
+            ema_decay=config["ema_decay"],
+            dead_code_threshold=config["dead_code_threshold"],
+        )
+        self.decoder = GeneDecoder(num_genes, dim, config["num_mixer_layers"], config["gene_mixing_dim"])
+
+    @torch.no_grad()
+    def set_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the per-gene mean/std of the training targets (std floored to avoid division by zero)."""
+        self.gene_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.gene_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-3))
+
+    def standardise(self, y: torch.Tensor) -> torch.Tensor:
+        """Log-scale profile → standardised profile."""
+        return (y - self.gene_mean) / self.gene_std
+
+    def destandardise(self, z: torch.Tensor) -> torch.Tensor:
+        """Standardised profile → log-scale profile."""
+        return z * self.gene_std + self.gene_mean
+
+    def encode(self, y: torch.Tensor) -> torch.Tensor:
+        """Log-scale profile ``[B, G]`` → continuous features ``[B, G, D]``."""
+        return self.encoder(self.standardise(y))
+
+    def decode_standardised(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Quantised features → standardised profile (what the losses compare)."""
+        return self.decoder(f_hat)
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """Quantised features ``[B, G, D]`` → log-scale profile ``[B, G]``."""
+        return self.destandardise(self.decoder(f_hat))
+
+    def forward(self, y: torch.Tensor) -> dict[str, Any]:
+        """Encode, quantise and decode; return the losses and tokens.
+
+        The reconstruction and hierarchical losses are mean squared errors on the standardised profile, so every
+        gene weighs the same, as it does in the per-gene Pearson users judge by.
+        """
+        z = self.standardise(y)
+        feats = self.encoder(z)
+        q = self.quantizer(feats)
+        prefixes = q["prefixes"]
+        cfg = self.config
+        full = self.decoder(prefixes[-1])
+        recon = ((full - z) ** 2).mean()
+        per_scale = [recon]
+        hier = recon.new_zeros(())
+        if len(prefixes) > 1 and cfg["hierarchical_loss_weight"] > 0:
+            # coarse prefixes decoded in one batched pass, on a random subset of spots when asked (an unbiased
+            # estimate of the same loss at a fraction of the decoder cost)
+            n = z.shape[0]
+            m = max(1, int(round(cfg["hierarchical_subsample"] * n))) if self.training else n
+            rows = torch.randperm(n, device=z.device)[:m] if m < n else slice(None)
+            coarse = torch.cat([p[rows] for p in prefixes[:-1]], 0)
+            dec = self.decoder(coarse).reshape(len(prefixes) - 1, -1, z.shape[1])
+            per_coarse = ((dec - z[rows][None]) ** 2).mean(dim=(1, 2))
+            hier = per_coarse.sum()
+            per_scale = [*per_coarse, recon]
+        per_scale = torch.stack(per_scale)
+        loss = recon + cfg["vq_loss_weight"] * q["vq_loss"] + cfg["hierarchical_loss_weight"] * hier
+        return {
+            "loss": loss,
+            "recon_loss": recon.detach(),
+            "vq_loss": q["vq_loss"].detach(),
+            "hierarchical_loss": hier.detach(),
+            "per_scale_mse": per_scale.detach(),
+            "tokens": q["tokens"],
+            "reconstruction": self.destandardise(full),
+        }
+
+    @torch.no_grad()
+    def tokenize(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """Log-scale profile ``[B, G]`` → list of token tensors ``[B, n_k]``, one per scale."""
+        return self.quantizer.tokenize(self.encode(y))
+
+    @torch.no_grad()
+    def reconstruct(self, y: torch.Tensor, n_scales: int | None = None) -> torch.Tensor:
+        """Tokenize and decode, optionally from only the ``n_scales`` coarsest scales."""
+        tokens = self.tokenize(y)[: n_scales or len(self.scales)]
+        return self.decode(self.quantizer.tokens_to_prefixes(tokens)[-1])
+
+
+def vqvae_loss_terms() -> tuple[str, ...]:
+    """Names of the scalar terms stage 1 logs (also the stage-1 history columns)."""
+    return ("loss", "recon_loss", "vq_loss", "hierarchical_loss")
+
+
+__all__ = ["MultiScaleGeneVQVAE", "GeneEncoder", "GeneDecoder", "GeneMixerBlock"]
