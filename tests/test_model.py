@@ -393,9 +393,24 @@ def test_predict_writes_documented_keys_and_leaves_counts(trained, query):
     tok = query.obsm[ADATA_KEYS.TOKENS]
     assert tok.shape == (query.n_obs, N_GENERATED) and tok.min() >= 0 and tok.max() < 64
     assert _same_sparse(query.X, x_before) and _same_sparse(query.layers["counts"], counts_before)
-    no_spread = m.predict_expression(query, n_samples=0)
+    no_spread = m.predict_expression(query, n_samples=0, uncertainty="model")
     np.testing.assert_allclose(no_spread, pred, rtol=1e-5, atol=1e-5)  # the point prediction does not sample
     assert (query.layers[ADATA_KEYS.UNCERTAINTY] == 0).all()
+    # "total" without draws is the calibrated per-gene observation noise alone
+    m.predict_expression(query, n_samples=0, uncertainty="total")
+    noise = m.module.noise_std.numpy()
+    assert (noise > 0).any()
+    np.testing.assert_allclose(query.layers[ADATA_KEYS.UNCERTAINTY], np.broadcast_to(noise, pred.shape), rtol=1e-6)
+
+
+def test_calibrated_noise_widens_intervals_towards_nominal_coverage(trained, query):
+    m = trained.model
+    truth = varst._targets.expression_target(query.layers["counts"])
+    with_noise = m.predict_samples(query, n_samples=32)
+    without = m.predict_samples(query, n_samples=32, add_noise=False)
+    cov = [varst.tl.evaluate(truth, with_noise.mean(0), samples=s)["coverage_90"] for s in (with_noise, without)]
+    assert cov[0] > cov[1] + 0.1  # token spread alone is far too narrow for observed counts
+    assert 0.6 < cov[0] <= 1.0
 
 
 def test_predict_follows_query_gene_order(trained, query):

@@ -90,8 +90,12 @@ class VARSTTrainingPlan(pl.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:  # noqa: D102
         out = self._step(batch)
         n = batch["expression"].shape[0]
-        self._accumulate("validation", self._scalars(out), n)
+        vals = self._scalars(out)
+        self._accumulate("validation", vals, n)
         self.log("validation_loss", out["loss"], prog_bar=True, batch_size=n, sync_dist=True)
+        for key in ("ce_loss", "aux_decode_loss", "recon_loss"):
+            if key in vals:
+                self.log(f"validation_{key}", vals[key], batch_size=n, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
         if self.stage == 1:
@@ -184,3 +188,42 @@ def load_best_weights(plan: pl.LightningModule, ckpt: pl.Callback) -> str | None
     state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
     plan.load_state_dict(state)
     return path
+
+
+def best_weights_monitor(module: TwoStageVARST) -> str:
+    """The validation metric that decides the best epoch: the decoded-expression error when stage 2 learns it."""
+    if module.current_stage == 1:
+        return "validation_loss"
+    return "validation_aux_decode_loss" if module.var_config["aux_decode_weight"] > 0 else "validation_ce_loss"
+
+
+class BestWeightsInMemory(pl.Callback):
+    """Keep a copy of the trainable weights of the epoch with the lowest ``monitor`` and restore them at the end.
+
+    The in-memory counterpart of a best checkpoint on disk: nothing is written, nothing is unpickled.
+    """
+
+    def __init__(self, monitor: str) -> None:
+        self.monitor = monitor
+        self.best_score: float | None = None
+        self.best_epoch: int | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, plan: VARSTTrainingPlan) -> None:  # noqa: D102
+        if trainer.sanity_checking:
+            return
+        score = trainer.callback_metrics.get(self.monitor)
+        if score is None:
+            return
+        score = float(score)
+        if self.best_score is None or score < self.best_score:
+            self.best_score, self.best_epoch = score, trainer.current_epoch
+            self._state = (
+                {k: v.detach().clone() for k, v in plan.module.state_dict().items() if not k.startswith("vqvae.")}
+                if plan.stage == 2
+                else {k: v.detach().clone() for k, v in plan.module.state_dict().items()}
+            )
+
+    def on_fit_end(self, trainer: pl.Trainer, plan: VARSTTrainingPlan) -> None:  # noqa: D102
+        if self._state is not None:
+            plan.module.load_state_dict(self._state, strict=False)

@@ -25,10 +25,18 @@ from .._targets import TARGET_KINDS, expression_target
 from ..module import TwoStageVARST
 from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
 from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
-from ._training import HistoryCallback, SpotDataset, VARSTTrainingPlan, checkpoint_callback, load_best_weights
+from ._training import (
+    BestWeightsInMemory,
+    HistoryCallback,
+    SpotDataset,
+    VARSTTrainingPlan,
+    best_weights_monitor,
+    checkpoint_callback,
+    load_best_weights,
+)
 from ._validation import check_anndata, check_coords, check_counts, check_histology, get_layer, get_obsm
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 Stage = Literal[1, 2]
 _WEIGHTS_FILE = "model.safetensors"
@@ -128,7 +136,13 @@ class VARST:
         manager = AnnDataManager(
             fields=fields, setup_method_args={"model_name": cls.__name__, "setup_args": setup_args}
         )
-        manager.register_fields(adata)
+        scvi_logger = logging.getLogger("scvi")
+        level = scvi_logger.level
+        scvi_logger.setLevel(logging.WARNING)  # silence "Generating sequential column names" for our obsm fields
+        try:
+            manager.register_fields(adata)
+        finally:
+            scvi_logger.setLevel(level)
         cls._managers[manager.adata_uuid] = manager
 
     @classmethod
@@ -287,7 +301,7 @@ class VARST:
         callbacks: list | None = None,
         ckpt_path: str | None = None,
         save_checkpoints: bool = False,
-        restore_best: bool = False,
+        restore_best: bool | None = None,
         seed: int | None = None,
         **trainer_kwargs: Any,
     ) -> pd.DataFrame:
@@ -322,8 +336,10 @@ class VARST:
             (lowest validation loss). They are Lightning's resume files (weights, optimizer, loop and history state);
             export models with :meth:`save`.
         restore_best
-            After training, load the weights of the epoch with the lowest validation loss (needs
-            ``save_checkpoints=True`` and ``train_size < 1``).
+            After training, go back to the weights of the best validation epoch (stage 1: validation loss; stage 2:
+            error of the expected-value decode, or cross-entropy without the auxiliary loss). Kept in memory, or
+            read from ``best.ckpt`` with ``save_checkpoints=True``. Default: on for stage 2 when there is a
+            validation set (stage 2 overfits small sections quickly), off for stage 1.
         seed
             Seed of this run (defaults to the model's seed).
         **trainer_kwargs
@@ -389,8 +405,10 @@ class VARST:
             if len(val_rows)
             else None
         )
-        if restore_best and not (save_checkpoints and val_dl is not None):
-            raise ValueError("restore_best needs save_checkpoints=True and a validation set (train_size < 1).")
+        if restore_best is None:
+            restore_best = stage == 2 and val_dl is not None
+        if restore_best and val_dl is None:
+            raise ValueError("restore_best needs a validation set (train_size < 1).")
         if ckpt_path == "last" and not save_checkpoints:
             raise ValueError('ckpt_path="last" resumes from checkpoints written with save_checkpoints=True; pass both.')
         self.module.set_training_stage(stage)
@@ -404,6 +422,10 @@ class VARST:
         ckpt_cb = checkpoint_callback(default_root_dir, stage, val_dl is not None) if save_checkpoints else None
         if ckpt_cb is not None:
             cbs.append(ckpt_cb)
+        best_cb = None
+        if restore_best and ckpt_cb is None:
+            best_cb = BestWeightsInMemory(best_weights_monitor(self.module))
+            cbs.append(best_cb)
         if logger is True:
             logger = lpl.loggers.TensorBoardLogger(default_root_dir or "lightning_logs", name=f"stage{stage}")
         if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
@@ -430,18 +452,45 @@ class VARST:
             warnings.filterwarnings("ignore", ".*does not have many workers.*")
             warnings.filterwarnings("ignore", ".*GPU available but not used.*")
             trainer.fit(plan, train_dl, val_dl, ckpt_path=ckpt_path)
-        if restore_best and load_best_weights(plan, ckpt_cb) is None:
+        if best_cb is not None and best_cb.best_epoch is not None:
+            _logger.info(
+                "restored the weights of epoch %d (%s = %.4f)", best_cb.best_epoch, best_cb.monitor, best_cb.best_score
+            )
+        if restore_best and ckpt_cb is not None and load_best_weights(plan, ckpt_cb) is None:
             warnings.warn("restore_best: no best checkpoint was written; kept the last weights.", stacklevel=2)
         self.module.eval()
         if stage == 1:
             self.module.stage1_trained = True
         else:
             self.module.stage2_trained = True
+            self._calibrate_noise(arrays, val_rows if len(val_rows) else train_rows, seed)
         self.is_trained_[stage] = True
         df = pd.DataFrame(history.rows)
         key = f"stage{stage}"
         self.history_[key] = pd.concat([self.history_[key], df], ignore_index=True) if key in self.history_ else df
         return df
+
+    @torch.inference_mode()
+    def _calibrate_noise(self, arrays: dict[str, np.ndarray], rows: np.ndarray, seed: int, n_samples: int = 8) -> None:
+        """Per-gene observation noise: residual variance of the point prediction beyond the spread of the draws.
+
+        Measured on the validation spots (the training spots when there are none) and stored in the module.
+        """
+        mod = self.module
+        mod.noise_std.zero_()
+        gen = torch.Generator().manual_seed(seed)
+        resid2, spread = [], []
+        for chunk in _chunks(rows, 512):
+            args = [torch.as_tensor(arrays["histology"][chunk]), torch.as_tensor(arrays["coords"][chunk])]
+            args.append(torch.as_tensor(arrays["neighbours"][chunk]) if "neighbours" in arrays else None)
+            point = mod.generate(*args, decode="expected")["expression"][0]
+            draws = mod.generate(*args, decode="sample", n_samples=n_samples, generator=gen)["expression"]
+            y = torch.as_tensor(arrays["expression"][chunk])
+            resid2.append(((y - point) ** 2).sum(0))
+            spread.append(draws.var(0, unbiased=False).sum(0))
+        n = max(len(rows), 1)
+        noise_var = (torch.stack(resid2).sum(0) - torch.stack(spread).sum(0)) / n
+        mod.noise_std.copy_(noise_var.clamp_min(0).sqrt())
 
     # ------------------------------------------------------------------ outputs
     def _rows(self, adata: AnnData, indices) -> np.ndarray:
@@ -534,6 +583,7 @@ class VARST:
         seed: int | None = None,
         return_prefixes: bool = False,
         use_cache: bool = True,
+        uncertainty: Literal["total", "model"] = "total",
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predict expression from histology and coordinates alone.
 
@@ -567,6 +617,10 @@ class VARST:
             Also return the point prediction after each generated scale, ``[n_scales, n_spots, n_genes]``.
         use_cache
             Generate with the KV cache (one pass per scale over the new tokens only).
+        uncertainty
+            ``"total"``: sd of the decoded draws combined with the per-gene observation noise calibrated after
+            stage 2 (a predictive sd for observed expression; without sampling, the noise alone); ``"model"``: sd
+            of the decoded draws alone (how much the generated tokens disagree).
 
         Returns
         -------
@@ -574,6 +628,8 @@ class VARST:
         otherwise in the model's order (``model.gene_names_``). With ``return_prefixes``, a tuple with the prefixes.
         """
         self._require(2)
+        if uncertainty not in ("total", "model"):
+            raise ValueError(f"uncertainty must be 'total' or 'model', got {uncertainty!r}.")
         if decode not in ("expected", "mean_of_samples", "greedy"):
             raise ValueError(f"decode must be 'expected', 'mean_of_samples' or 'greedy', got {decode!r}.")
         if n_samples < 0 or (decode == "mean_of_samples" and n_samples < 1):
@@ -626,9 +682,10 @@ class VARST:
                 point, tokens = p["expression"][0], p["tokens"][0]
                 pre = p["prefix_expression"][:, 0] if return_prefixes else None
             mean_parts.append(point.numpy())
-            std_parts.append(
-                samples.std(0, unbiased=False).numpy() if samples is not None else np.zeros_like(point.numpy())
-            )
+            var = samples.var(0, unbiased=False) if samples is not None else torch.zeros_like(point)
+            if uncertainty == "total":
+                var = var + self.module.noise_std**2
+            std_parts.append(var.sqrt().numpy())
             tok_parts.append(tokens.numpy())
             if pre is not None:
                 pre_parts.append(pre.numpy())
@@ -650,9 +707,19 @@ class VARST:
         return pred
 
     def predict_samples(
-        self, adata: AnnData | None = None, n_samples: int = 10, batch_size: int = 512, seed: int | None = None, **kw
+        self,
+        adata: AnnData | None = None,
+        n_samples: int = 10,
+        batch_size: int = 512,
+        seed: int | None = None,
+        add_noise: bool = True,
+        **kw,
     ) -> np.ndarray:
-        """Sampled predictions ``[n_samples, n_spots, n_genes]`` in the model's gene order (for calibration checks)."""
+        """Sampled predictions ``[n_samples, n_spots, n_genes]`` in the model's gene order (for calibration checks).
+
+        With ``add_noise`` (default) each draw includes the calibrated per-gene observation noise, so the draws form
+        a predictive distribution for observed expression; keyword arguments go to the sampler.
+        """
         self._require(2)
         adata = self._validate_adata(adata)
         sp = self._spatial_inputs(adata)
@@ -669,6 +736,7 @@ class VARST:
                     decode="sample",
                     n_samples=n_samples,
                     generator=gen,
+                    add_noise=add_noise,
                     **kw,
                 )
                 parts.append(out["expression"].numpy())
@@ -812,7 +880,7 @@ class VARST:
                 cls.setup_anndata(adata, **self.setup_args_)
                 self.adata_manager = cls._managers[adata.uns["_scvi_uuid"]]
             except (KeyError, ValueError, TypeError) as err:
-                logger.info("Loaded model attached to an AnnData that cannot be registered for training: %s", err)
+                _logger.info("Loaded model attached to an AnnData that cannot be registered for training: %s", err)
         return self
 
 

@@ -64,6 +64,9 @@ class TwoStageVARST(nn.Module):
         self.histology_dim = int(histology_dim)
         self.scales = resolve_scales(self.vqvae_config["scales"], self.num_genes)
         self.register_buffer("gene_order", torch.arange(self.num_genes))
+        # per-gene sd of what the decoded tokens cannot explain (observation noise), caller's gene order; set by
+        # calibration after stage 2 and added to sampled draws so that predictive intervals cover observations
+        self.register_buffer("noise_std", torch.zeros(self.num_genes))
         self.vqvae = MultiScaleGeneVQVAE(self.num_genes, self.scales, self.vqvae_config)
         v = self.var_config
         self.condition = ConditionEncoder(
@@ -260,6 +263,7 @@ class TwoStageVARST(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         return_prefixes: bool = False,
+        add_noise: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Generate tokens scale by scale and decode them with the frozen stage-1 decoder.
 
@@ -282,6 +286,9 @@ class TwoStageVARST(nn.Module):
             One pass per scale over the new tokens with cached keys/values (True) or re-run the prefix (False).
         return_prefixes
             Also decode the expression after every scale.
+        add_noise
+            Add the calibrated per-gene observation noise (``noise_std``) to each decoded draw, so that the spread
+            of the draws is a predictive distribution for observed expression, not only for the mean.
 
         Returns
         -------
@@ -330,6 +337,9 @@ class TwoStageVARST(nn.Module):
             if return_prefixes:
                 prefixes.append(self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1))
         expr = self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1)
+        if add_noise and bool((self.noise_std > 0).any()):
+            noise = torch.randn(expr.shape, generator=generator, dtype=expr.dtype, device=expr.device)
+            expr = expr + noise * self.noise_std
         out = {"expression": expr, "tokens": torch.cat(tokens, 1).reshape(n_samples, b, -1)}
         if return_prefixes:
             out["prefix_expression"] = torch.stack(prefixes)
