@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m varst_scverse.demo --output demo_output
+	$(PY) -m varst_scverse demo --output demo_output
 
 test: $(STAMP)
 	MPLBACKEND=Agg $(PY) -m pytest -q
@@ -28,7 +28,16 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 
 benchmark: $(STAMP)
-	$(PY) -m varst_scverse.benchmark
+	$(PY) -m varst_scverse benchmark
+
+# the documentation: Sphinx + myst-nb (the notebooks are committed executed, never run here); warnings are errors
+DOC_STAMP := $(VENV)/.installed-doc
+$(DOC_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install -q -e ".[doc]"
+	touch $(DOC_STAMP)
+
+docs: $(DOC_STAMP)
+	MPLBACKEND=Agg $(PY) -m sphinx -W --keep-going -E -q -b html docs docs/_build/html
 
 clean-venv:
 	rm -rf $(VENV)

@@ -551,3 +551,17 @@ def test_newer_checkpoint_format_is_refused(tmp_path):
     save_checkpoint(path, {"a": torch.zeros(1)}, {"version": 99})
     with pytest.raises(ValueError, match="newer varst-scverse"):
         load_checkpoint(path)
+
+
+def test_coordinate_dropout_one_ignores_coordinates_and_zero_uses_them():
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "num_heads": 2, "num_layers": 1, "feedforward_dim": 32, "condition_embed_dim": 16}
+    vq = {"vocab_size": 32, "embed_dim": 8, "hidden_dim": 16, "gene_mixing_dim": 8, "scales": (1, 2, 4, None)}
+    h = torch.randn(5, 6)
+    xy, xy2 = torch.rand(5, 2), torch.rand(5, 2)
+    for p, same in ((1.0, True), (0.0, False)):
+        m = TwoStageVARST(8, vqvae_config=vq, var_config={**cfg, "coordinate_dropout": p}, histology_dim=6).eval()
+        c1, c2 = m.condition(h, xy), m.condition(h, xy2)
+        assert torch.allclose(c1, c2) is same
+    with pytest.raises(ValueError, match="coordinate_dropout"):
+        TwoStageVARST(8, vqvae_config=vq, var_config={**cfg, "coordinate_dropout": 1.5}, histology_dim=6)

@@ -41,6 +41,9 @@ class ConditionEncoder(nn.Module):
         Whether a neighbour-mean histology input is expected.
     dropout
         Dropout inside the projections.
+    coordinate_dropout
+        Probability, per spot in training, of hiding the coordinate features, so that the model cannot lean on
+        within-section position (which does not carry over to a new section); 1 switches coordinates off.
     """
 
     def __init__(
@@ -51,8 +54,10 @@ class ConditionEncoder(nn.Module):
         fourier_scale: float = 4.0,
         use_neighbours: bool = False,
         dropout: float = 0.1,
+        coordinate_dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.coordinate_dropout = coordinate_dropout
         self.histology_dim = histology_dim
         self.use_neighbours = use_neighbours
         self.register_buffer("hist_mean", torch.zeros(histology_dim))
@@ -85,7 +90,13 @@ class ConditionEncoder(nn.Module):
     ) -> torch.Tensor:
         """Condition vectors; rows where ``drop_mask`` is True get the learned null condition."""
         h = (histology - self.hist_mean) / self.hist_std
-        c = self.hist(h) + self.coords(self.fourier(coords))
+        c = self.hist(h)
+        if self.coordinate_dropout < 1.0:
+            xy = self.coords(self.fourier(coords))
+            if self.training and self.coordinate_dropout > 0:
+                keep = torch.rand(xy.shape[0], 1, device=xy.device) >= self.coordinate_dropout
+                xy = xy * keep
+            c = c + xy
         if self.neigh is not None:
             if neighbours is None:
                 raise ValueError("This model was built with neighbour context; pass the neighbour-mean histology.")

@@ -42,6 +42,7 @@ _VAR_BASE: dict[str, Any] = {
     "aux_decode_weight": 0.0,  # MSE of the expected-value decode, added to the cross-entropy
     "num_fourier_features": 16,  # frequencies per coordinate axis
     "fourier_scale": 4.0,  # highest frequency (cycles over the normalised section extent)
+    "coordinate_dropout": 0.0,  # probability of hiding the coordinates of a training spot; 1 = never use them
     "neighbour_k": 0,  # mean histology of the k nearest spots as extra condition; 0 = off
     "label_smoothing": 0.0,
 }
@@ -163,6 +164,8 @@ def _validate_var(var: Mapping[str, Any]) -> None:
         raise ValueError(
             f"var_config['embed_dim'] ({var['embed_dim']}) must be divisible by num_heads ({var['num_heads']})."
         )
+    if not 0.0 <= var["coordinate_dropout"] <= 1.0:
+        raise ValueError(f"var_config['coordinate_dropout'] must lie in [0, 1], got {var['coordinate_dropout']}.")
     for key in ("dropout", "condition_dropout", "label_smoothing"):
         if not 0.0 <= var[key] < 1.0:
             raise ValueError(f"var_config[{key!r}] must lie in [0, 1), got {var[key]}.")

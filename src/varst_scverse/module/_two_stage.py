@@ -76,6 +76,7 @@ class TwoStageVARST(nn.Module):
             fourier_scale=v["fourier_scale"],
             use_neighbours=v["neighbour_k"] > 0,
             dropout=v["dropout"],
+            coordinate_dropout=v["coordinate_dropout"],
         )
         self.var = GeneVARTransformer(self.scales, self.vqvae_config["embed_dim"], self.num_genes, v)
         self.current_stage = 1
