@@ -565,3 +565,24 @@ def test_coordinate_dropout_one_ignores_coordinates_and_zero_uses_them():
         assert torch.allclose(c1, c2) is same
     with pytest.raises(ValueError, match="coordinate_dropout"):
         TwoStageVARST(8, vqvae_config=vq, var_config={**cfg, "coordinate_dropout": 1.5}, histology_dim=6)
+
+
+def test_free_running_aux_decode_trains_what_expected_generation_predicts():
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "num_heads": 2, "num_layers": 1, "feedforward_dim": 32, "condition_embed_dim": 16}
+    vq = {"vocab_size": 32, "embed_dim": 8, "hidden_dim": 16, "gene_mixing_dim": 8, "scales": (1, 2, 4, None)}
+    var = {**cfg, "aux_decode_weight": 1.0, "aux_decode_mode": "free", "generate_scales": 3}
+    m = TwoStageVARST(8, vqvae_config=vq, var_config=var, histology_dim=6)
+    m.stage1_trained = True
+    m.set_training_stage(2)
+    h, xy = torch.randn(4, 6), torch.rand(4, 2)
+    m.eval()
+    with torch.no_grad():
+        rolled = m.to_caller_order(m.vqvae.decode(m._expected_rollout(m.condition(h, xy))))
+    generated = m.generate(h, xy, decode="expected")["expression"][0]
+    torch.testing.assert_close(rolled, generated, rtol=1e-5, atol=1e-5)
+    m.train()
+    out = m.stage2_loss(torch.rand(4, 8), h, xy)
+    out["loss"].backward()
+    assert out["aux_decode_loss"] > 0 and m.var.blocks[0].qkv.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in m.vqvae.parameters())  # the tokenizer stays frozen

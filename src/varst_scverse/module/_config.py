@@ -40,6 +40,7 @@ _VAR_BASE: dict[str, Any] = {
     "condition_dropout": 0.1,  # probability of the null condition in training (classifier-free guidance)
     "generate_scales": None,  # None = all scales (the seed's 241 tokens); k = only the k coarsest
     "aux_decode_weight": 0.0,  # MSE of the expected-value decode, added to the cross-entropy
+    "aux_decode_mode": "teacher",  # "teacher": decode teacher-forced probabilities; "free": roll out as at inference
     "num_fourier_features": 16,  # frequencies per coordinate axis
     "fourier_scale": 4.0,  # highest frequency (cycles over the normalised section extent)
     "coordinate_dropout": 0.0,  # probability of hiding the coordinates of a training spot; 1 = never use them
@@ -169,6 +170,8 @@ def _validate_var(var: Mapping[str, Any]) -> None:
     for key in ("dropout", "condition_dropout", "label_smoothing"):
         if not 0.0 <= var[key] < 1.0:
             raise ValueError(f"var_config[{key!r}] must lie in [0, 1), got {var[key]}.")
+    if var["aux_decode_mode"] not in ("teacher", "free"):
+        raise ValueError(f"var_config['aux_decode_mode'] must be 'teacher' or 'free', got {var['aux_decode_mode']!r}.")
     g = var["generate_scales"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
         raise ValueError(f"var_config['generate_scales'] must be None (all) or a positive integer, got {g!r}.")

@@ -233,12 +233,30 @@ class TwoStageVARST(nn.Module):
         loss = ce
         w = self.var_config["aux_decode_weight"]
         if w > 0:
-            z_pred = self.vqvae.decode_standardised(self._expected_features(logits.float().softmax(-1)))
+            if self.var_config["aux_decode_mode"] == "free":
+                f_exp = self._expected_rollout(cond)
+            else:
+                f_exp = self._expected_features(logits.float().softmax(-1))
+            z_pred = self.vqvae.decode_standardised(f_exp)
             aux = F.mse_loss(z_pred, self.vqvae.standardise(y))
             loss = loss + w * aux
             out["aux_decode_loss"] = aux.detach()
         out["loss"] = loss
         return out
+
+    def _expected_rollout(self, cond: torch.Tensor) -> torch.Tensor:
+        """Differentiable expected-value generation: each scale sees the expected codes of the coarser ones.
+
+        This is exactly what ``generate(decode="expected")`` computes at inference, so the auxiliary loss trains the
+        point prediction as it will be made (no teacher forcing, no exposure bias).
+        """
+        caches: list[dict[str, torch.Tensor]] = [{} for _ in self.var.blocks]
+        f_hat = None
+        for k in range(len(self.var.scales)):
+            probs = self.var.step(cond, k, f_hat, caches).float().softmax(-1)
+            up = self.var.upsample(self.vqvae.quantizer.embed_probs(probs))
+            f_hat = up if f_hat is None else f_hat + up
+        return f_hat
 
     def _expected_features(self, probs: torch.Tensor) -> torch.Tensor:
         """Cumulative features from per-position code probabilities ``[B, L, V]`` over the generated scales."""
