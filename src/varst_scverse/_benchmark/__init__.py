@@ -1,0 +1,1 @@
+"""Private pieces of ``varst benchmark``: data and splits, methods, ablations, speed, report writers."""

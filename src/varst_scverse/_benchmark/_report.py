@@ -1,0 +1,481 @@
+"""Turn the per-fold results into ``her2st.json``, ``her2st.md`` and ``speed.md``."""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import _data as D
+
+METHOD_ORDER: tuple[str, ...] = (
+    "varst",
+    "varst_ridge_avg",
+    "ridge_cv",
+    "ridge",
+    "mlp",
+    "knn",
+    "ridge_cv_rgb",
+    "ridge_rgb",
+    "mlp_rgb",
+    "knn_rgb",
+    "mean",
+    "depth_oracle",
+)
+#: not competitors: the yardstick that sees the test spots' depth, the combination with VARST, VARST itself
+NOT_BASELINES = {"varst", "varst_ridge_avg", "depth_oracle"}
+_STD_KEYS = ("mean_pearson", "median_pearson", "frac_genes_r_gt_0.3", "mse", "mae", "coverage_90")
+
+
+def machine() -> str:
+    """CPU, cores, Python and torch versions of this machine."""
+    import os
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:  # pragma: no cover
+        pass
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (
+        f"{cpu}, {n} CPU cores, {platform.system()} {platform.machine()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}"
+    )
+
+
+def _agg(rows: dict[str, dict]) -> dict[str, Any]:
+    """Mean over folds of each numeric metric, the fold std of the main ones, and the per-fold mean Pearson."""
+    folds = sorted(rows)
+    out: dict[str, Any] = {}
+    keys = [k for k in rows[folds[0]] if isinstance(rows[folds[0]][k], int | float)]
+    for k in keys:
+        vals = np.array([rows[f][k] for f in folds if k in rows[f]], dtype=np.float64)
+        out[k] = float(np.mean(vals)) if vals.size and np.isfinite(vals).any() else float("nan")
+    pre = [rows[f]["prefix_mean_pearson"] for f in folds if "prefix_mean_pearson" in rows[f]]
+    if pre and len({len(p) for p in pre}) == 1:
+        out["prefix_mean_pearson"] = [float(x) for x in np.mean(np.array(pre), axis=0)]
+    out["n_folds"] = len(folds)
+    if len(folds) > 1:
+        out["fold_std"] = {
+            k: float(np.std([rows[f][k] for f in folds], ddof=1)) for k in _STD_KEYS if all(k in rows[f] for f in folds)
+        }
+    out["per_fold_mean_pearson"] = {f: rows[f].get("mean_pearson", float("nan")) for f in folds}
+    return out
+
+
+def _clean(x: Any) -> Any:
+    """JSON-safe: NaN → None."""
+    if isinstance(x, dict):
+        return {k: _clean(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_clean(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any]:
+    """The results document: ``{"machine", "command", "splits": {split: {method: {...}}}, "ablations": {...}, ...}``."""
+    cfg = raw["config"]
+    per: dict[str, dict[str, dict[str, dict]]] = {}
+    abl: dict[str, dict[str, dict[str, dict[str, dict]]]] = {}
+    genes_n: dict[str, list[int]] = {}
+    for key, unit in raw["units"].items():
+        parts = key.split("|")
+        name, fold = parts[0], parts[1]
+        if len(parts) == 2:
+            for method, row in unit["methods"].items():
+                per.setdefault(name, {}).setdefault(method, {})[fold] = row
+            genes = unit["genes"]
+            genes_n.setdefault(name, []).append(len(genes) if isinstance(genes, list) else int(genes.split()[0]))
+        else:
+            seed = parts[3]
+            for variant, row in unit.items():
+                abl.setdefault(name, {}).setdefault(variant, {}).setdefault(seed, {})[fold] = row
+    splits: dict[str, Any] = {}
+    for name in sorted(per, key=_split_sort):
+        methods = {m: _agg(per[name][m]) for m in _ordered(per[name])}
+        methods["_info"] = {
+            "n_genes_per_fold": genes_n[name],
+            "test_sections": sorted(per[name]["ridge_cv"]),
+            "pcc_note": "pcc_10/pcc_50 are optimistic: the top genes are picked on the test spots (Stem/GenAR style)",
+        }
+        splits[name] = methods
+    ablations: dict[str, Any] = {}
+    for name in sorted(abl, key=_split_sort):
+        ref = _agg(abl[name]["default"][str(cfg["seed"])])
+        block: dict[str, Any] = {}
+        for variant, seeds in abl[name].items():
+            rows = {}
+            for seed, folds in sorted(seeds.items()):
+                rows[seed] = _agg(folds)
+            s0 = rows.get(str(cfg["seed"])) or next(iter(rows.values()))
+            entry = dict(s0)
+            entry["delta_vs_default"] = s0["mean_pearson"] - ref["mean_pearson"]
+            if len(rows) > 1:
+                entry["seeds"] = {s: r["mean_pearson"] for s, r in rows.items()}
+                entry["mean_pearson_over_seeds"] = float(np.mean([r["mean_pearson"] for r in rows.values()]))
+                dref = abl[name]["default"]
+                if variant != "default" and all(s in dref for s in rows):
+                    entry["delta_vs_default_over_seeds"] = float(
+                        np.mean([rows[s]["mean_pearson"] - _agg(dref[s])["mean_pearson"] for s in rows])
+                    )
+            block[variant] = entry
+        ablations[name] = block
+    doc = {
+        "machine": machine(),
+        "command": command,
+        "date": started,
+        "wall_time_min": round(raw["seconds"] / 60, 1),
+        "peak_rss_gb": round(raw["peak_rss_gb"], 2),
+        "load_average_at_end": raw.get("load_average"),
+        "protocol": {
+            "splits": {
+                "within_C": "leave one section out over C2-C6 (5 folds; test = the held-out section)",
+                "cross_B4": "train C2-C6, test B4 (patient B)",
+            },
+            "genes": "chosen per fold on the training sections only: top50/top250 HVG (seurat_v3, detected in >=10% "
+            "of training spots) and detected10 = every gene detected in >=10% of training spots",
+            "targets": {"log1p": "log1p(counts)", "cp10k": "log1p(counts / total over all genes * 1e4)"},
+            "features": "morphology: built-in weights-free descriptor (pp.embed_histology); rgb: 6-d RGB mean/std "
+            "control (suffix _rgb)",
+            "varst": {
+                "preset": "cpu",
+                "stage1_epochs": cfg["stage1_epochs"],
+                "stage2_epochs": cfg["stage2_epochs"],
+                "stage1_lr": 2e-3,
+                "stage2_lr": 1e-3,
+                "decode": "expected",
+                "n_samples_for_coverage": cfg["n_samples"],
+                "tokenizer_sections": "train sections only (quick)"
+                if cfg["quick"]
+                else "every HER2ST section except the test section and the test patient's sections outside the "
+                "training set (cross_B4: all of patient B held out)",
+                "stage2_sections": "the fold's training sections",
+                "genesets": list(cfg["varst_genesets"]),
+            },
+            "metric": "per-gene Pearson r over the test spots, mean over genes (HEST); within_C: mean over folds, "
+            "fold_std = std over folds (ddof 1)",
+        },
+        "config": cfg,
+        "splits": splits,
+        "ablations": ablations,
+        "speed": raw.get("speed", {}),
+        "skipped_for_time": raw.get("skipped", []),
+        "notes": list(raw.get("notes", [])),
+    }
+    return _clean(doc)
+
+
+def _split_sort(name: str) -> tuple:
+    split = 0 if name.startswith("within_C") else 1
+    gs = next((i for i, g in enumerate(D.GENESETS) if f"_{g}_" in name), 9)
+    tg = 0 if name.endswith("log1p") else 1
+    return (split, gs, tg)
+
+
+def _ordered(methods) -> list[str]:
+    return [m for m in METHOD_ORDER if m in methods] + sorted(m for m in methods if m not in METHOD_ORDER)
+
+
+def best_baseline(block: dict[str, Any]) -> tuple[str, dict]:
+    """The baseline with the highest mean Pearson (VARST, the VARST+ridge average and the depth oracle excluded)."""
+    cands = [
+        (m, r)
+        for m, r in block.items()
+        if m not in NOT_BASELINES and not m.startswith("_") and r.get("mean_pearson") is not None
+    ]
+    return max(cands, key=lambda mr: mr[1]["mean_pearson"])
+
+
+# ---------------------------------------------------------------------------------------------------------- markdown
+def _f(x, nd: int = 3) -> str:
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def _pm(row: dict) -> str:
+    s = _f(row.get("mean_pearson"))
+    sd = (row.get("fold_std") or {}).get("mean_pearson")
+    return s + (f" ± {sd:.3f}" if sd is not None else "")
+
+
+def headline(doc: dict) -> list[str]:
+    """VARST against the best baseline, per split."""
+    lines = [
+        "| split | VARST | best baseline | Δ VARST − best | VARST+ridge_cv avg | coverage 90% | depth oracle |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, block in doc["splits"].items():
+        bname, brow = best_baseline(block)
+        v = block.get("varst")
+        if v is None:
+            vtxt, dtxt, cov, avg = "not run", "–", "–", "–"
+        else:
+            vtxt = _pm(v)
+            dtxt = f"{v['mean_pearson'] - brow['mean_pearson']:+.3f}"
+            cov = _f(v.get("coverage_90"))
+            avg = _pm(block["varst_ridge_avg"])
+        lines.append(
+            f"| {name} | {vtxt} | {bname} {_pm(brow)} | {dtxt} | {avg} | {cov} | {_pm(block['depth_oracle'])} |"
+        )
+    return lines
+
+
+def split_table(block: dict) -> list[str]:
+    """All methods of one split."""
+    lines = [
+        "| method | mean r | median r | frac r>0.3 | MSE | MAE | PCC-10* | PCC-50* | genes | coverage 90% |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in block.items():
+        if m.startswith("_"):
+            continue
+        lines.append(
+            f"| {m} | {_pm(r)} | {_f(r.get('median_pearson'))} | {_f(r.get('frac_genes_r_gt_0.3'), 2)} | "
+            f"{_f(r.get('mse'))} | {_f(r.get('mae'))} | {_f(r.get('pcc_10'))} | {_f(r.get('pcc_50'))} | "
+            f"{_f(r.get('n_genes_evaluated'), 0)} | {_f(r.get('coverage_90'))} |"
+        )
+    return lines
+
+
+def ablation_table(block: dict) -> list[str]:
+    """Variants of one split against the default (expected-value decoding, seed 0)."""
+    lines = [
+        "| variant | mean r (seed 0) | Δ vs default | seeds (mean r) | Δ over seeds | coverage 90% "
+        "| prefixes (mean r per scale) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, r in block.items():
+        seeds = r.get("seeds")
+        stxt = " / ".join(f"{s}: {_f(x)}" for s, x in seeds.items()) if seeds else "–"
+        pre = r.get("prefix_mean_pearson")
+        ptxt = " → ".join(_f(x) for x in pre) if pre else ""
+        dtxt = "" if v == "default" else f"{r['delta_vs_default']:+.3f}"
+        d2 = r.get("delta_vs_default_over_seeds")
+        lines.append(
+            f"| {v} | {_pm(r)} | {dtxt} | {stxt} | {'' if d2 is None else f'{d2:+.3f}'} | "
+            f"{_f(r.get('coverage_90'))} | {ptxt} |"
+        )
+    return lines
+
+
+VARIANT_HELP = {
+    "default": "VARST as in the main table: cpu preset (3 coarse scales generated, aux decode loss 1.0, "
+    "neighbour_k 6), expected-value decoding",
+    "decode_greedy": "most likely code at each scale",
+    "decode_mean_of_samples_n4": "mean of 4 sampled generations (coverage from the same 4 draws)",
+    "decode_mean_of_samples_n16": "mean of 16 sampled generations",
+    "decode_mean_of_samples_n32": "mean of 32 sampled generations",
+    "cfg_2": "classifier-free guidance scale 2 (expected decode)",
+    "prefix_1_scale": "decode after the global scale only",
+    "prefix_2_scales": "decode after global + pathway scales",
+    "tokenizer_ceiling_generated": "NOT a prediction: the test spots' true expression tokenized and decoded from "
+    "the scales VARST generates — the ceiling the tokenizer puts on VARST",
+    "tokenizer_ceiling_all": "NOT a prediction: the same through all four scales",
+    "neighbour_k_0": "stage 2 retrained without neighbour context (`var_config={'neighbour_k': 0}`), same tokenizer",
+    "all_4_scales": "stage 2 retrained generating all four scales (`generate_scales=None`), same tokenizer",
+    "aux_decode_0": "stage 2 retrained without the auxiliary decode loss (`aux_decode_weight=0`), same tokenizer",
+    "tokenizer_train_only": "both stages retrained, tokenizer on the training sections only",
+    "nar_control": "non-autoregressive control: MLP from the same inputs to code probabilities at the same 41 "
+    "positions, frozen stage-1 decoder, CE + aux decode loss, expected decode",
+}
+
+
+def her2st_md(doc: dict) -> str:
+    """The readable report."""
+    cfg = doc["config"]
+    v = doc["protocol"]["varst"]
+    L = [
+        "# HER2ST benchmark: VARST beside the field's baselines",
+        "",
+        f"- command: `{doc['command']}`",
+        f"- date: {doc['date']}; wall time {doc['wall_time_min']} min; peak RSS {doc['peak_rss_gb']} GB",
+        f"- machine: {doc['machine']} (shared with other jobs; load average at the end "
+        f"{doc.get('load_average_at_end')})",
+        f"- quick mode: {cfg['quick']}"
+        + (
+            " (a smoke run: cross_B4 trains on C2–C4 only, top-50 genes, 1 + 2 epochs; not a result)"
+            if cfg["quick"]
+            else ""
+        ),
+        "",
+        "## Protocol",
+        "",
+        "- splits: `within_C` = leave one section out over C2–C6 (5 folds, ~180 test spots each; numbers are the mean "
+        "over folds ± the std over folds); `cross_B4` = train C2–C6, test B4 (283 spots).",
+        "- genes, per fold from the training sections only: `top50`, `top250` (seurat_v3 HVG among genes detected in "
+        "≥ 10% of training spots), `detected10` (every gene detected in ≥ 10% of training spots, ~10k).",
+        "- targets: `log1p` = log1p(counts) (HEST); `cp10k` = log1p(CP10k) with the library size over all genes.",
+        "- features: the built-in weights-free morphology descriptor (`pp.embed_histology`, 156-d); `_rgb` rows use "
+        "the 6-d RGB mean/std control.",
+        f"- VARST: cpu preset, stage 1 {v['stage1_epochs']} epochs (lr 2e-3), stage 2 {v['stage2_epochs']} epochs "
+        f"(lr 1e-3), expected-value decoding, {v['n_samples_for_coverage']} samples for the 90% interval; run on "
+        f"gene sets {', '.join(v['genesets'])}. Tokenizer sections: {v['tokenizer_sections']}. Stage 2 and every "
+        "baseline learn from the fold's training sections only.",
+        "- metric: Pearson r per gene over the test spots, mean over genes (HEST convention); genes constant in the "
+        "test section are excluded. PCC-10*/PCC-50* (means of the 10/50 best genes, picked on the test spots) are "
+        "**optimistic** (Stem/GenAR style) and not comparable to mean r.",
+        "- `depth_oracle` is not a method: each gene predicted from the test spot's own log total counts — how much "
+        "of a score sequencing depth alone explains. `mean` predicts a constant, so its r is undefined (–).",
+        "- defaults: this harness chooses no setting from any test section. The VARST settings are the package "
+        "defaults at the time of the run (cpu preset, the demo's learning rates), fixed before this run by the model's "
+        "development on HER2ST; the ablations below are reported, not used to pick anything after the fact.",
+        "- within patient C, differences under 0.03 are within the fold spread (noise).",
+        "",
+        "## Headline: VARST vs the best baseline",
+        "",
+        "Best baseline = highest mean r among ridge, ridge_cv, mlp, knn (morphology and RGB) and mean.",
+        "",
+        *headline(doc),
+        "",
+    ]
+    notes = list(doc.get("notes") or [])
+    skipped = doc.get("skipped_for_time") or []
+    if skipped:
+        notes.append(f"Not run within the time budget ({cfg.get('time_budget_min')} min): " + "; ".join(skipped) + ".")
+    if notes:
+        L += ["## Notes", "", *[f"- {n}" for n in notes], ""]
+    L += ["## All methods per split", ""]
+    for name, block in doc["splits"].items():
+        info = block.get("_info", {})
+        L += [
+            f"### {name}",
+            "",
+            f"test sections: {', '.join(info.get('test_sections', []))}; genes per fold: "
+            f"{info.get('n_genes_per_fold')}",
+            "",
+            *split_table(block),
+            "",
+        ]
+        pre = (block.get("varst") or {}).get("prefix_mean_pearson")
+        if pre:
+            L += [f"VARST mean r after each generated scale: {' → '.join(_f(x) for x in pre)}", ""]
+    if doc["ablations"]:
+        L += ["## Ablations", "", "Variants:", ""]
+        L += [f"- `{k}`: {t}" for k, t in VARIANT_HELP.items()]
+        L += [
+            "",
+            f"A second seed (model seed {cfg['seed'] + 1}, retrained from stage 1) is run where a variant is within "
+            f"{cfg['seed_threshold']} of the default; 'Δ over seeds' is the mean of the per-seed differences.",
+            "",
+        ]
+        for name, block in doc["ablations"].items():
+            L += [f"### {name}", "", *ablation_table(block), ""]
+    return "\n".join(L) + "\n"
+
+
+def speed_md(doc: dict) -> str:
+    """The speed table."""
+    s = doc.get("speed") or {}
+    if not s:
+        return "# Speed\n\nNot measured in this run.\n"
+    peak = s["matmul_fp32_gflops_2_threads"] * 1e9
+    peak1 = s.get("matmul_fp32_gflops_1_thread", float("nan")) * 1e9
+
+    def frac(spots_per_s, flops):
+        r = spots_per_s * flops
+        return f"{r / 1e9:.2f} GFLOP/s = {100 * r / peak:.1f}% (2-thread peak) / {100 * r / peak1:.1f}% (1-thread)"
+
+    rows = [
+        (
+            "stage 1 training (Lightning pipeline)",
+            s["stage1_pipeline_spots_per_s"],
+            s["stage1_flops_per_spot"],
+            f"{s['stage1_spots']} spots × {s['stage1_epochs']} epochs, batch 256, incl. validation",
+        ),
+        (
+            "stage 1 training (module only: loss+backward+AdamW)",
+            s["stage1_module_spots_per_s"],
+            s["stage1_flops_per_spot"],
+            "one batch of 256, 10 steps",
+        ),
+        (
+            "stage 2 training (Lightning pipeline)",
+            s["stage2_pipeline_spots_per_s"],
+            s["stage2_flops_per_spot"],
+            f"{s['stage2_spots']} spots × {s['stage2_epochs']} epochs, batch 64, incl. validation",
+        ),
+        (
+            "stage 2 training (module only)",
+            s["stage2_module_spots_per_s"],
+            s["stage2_flops_per_spot"],
+            "one batch of 64, 10 steps",
+        ),
+        (
+            f"predict, KV cache ({s['generated_tokens']} tokens)",
+            s["predict_cache_spots_per_s"],
+            s["predict_cache_flops_per_spot"],
+            "expected value, no sampling",
+        ),
+        (
+            f"predict, recompute ({s['generated_tokens']} tokens)",
+            s["predict_recompute_spots_per_s"],
+            s["predict_recompute_flops_per_spot"],
+            "`use_cache=False`",
+        ),
+        (
+            f"predict, KV cache, all 4 scales ({s['generated_tokens_all_scales']} tokens)",
+            s["predict4_cache_spots_per_s"],
+            s["predict4_cache_flops_per_spot"],
+            "stage 2 trained 1 epoch, for timing only",
+        ),
+        (
+            f"predict, recompute, all 4 scales ({s['generated_tokens_all_scales']} tokens)",
+            s["predict4_recompute_spots_per_s"],
+            s["predict4_recompute_flops_per_spot"],
+            "`use_cache=False`",
+        ),
+    ]
+    L = [
+        "# Speed (CPU)",
+        "",
+        f"- command: `{doc['command']}`; measured on {s.get('unit')} (the cpu preset, "
+        f"{s['query_spots']} query spots), {doc['date']}",
+        f"- machine: {doc['machine']}; the benchmark ran torch and BLAS on {s.get('threads')} thread(s). "
+        "**Shared machine**: load average during the speed "
+        f"measurements {s.get('load_average_at_speed')} — other jobs competed for the 2 cores, so rates are lower "
+        "bounds and vary between runs.",
+        f"- measured fp32 matmul peak (`torch.matmul`, 1024³, 2 threads, best of 10): "
+        f"{s['matmul_fp32_gflops_2_threads']:.1f} GFLOP/s; on 1 thread {s.get('matmul_fp32_gflops_1_thread', 0):.1f} "
+        "GFLOP/s",
+        f"- peak RSS of the whole benchmark process: {doc['peak_rss_gb']} GB",
+        "- FLOPs per spot from `torch.utils.flop_counter.FlopCounterMode` (matmuls; training = forward + backward).",
+        "",
+        "| what | spots/s | FLOPs/spot | achieved FLOP/s (% of matmul peak) | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for what, rate, flops, note in rows:
+        L.append(f"| {what} | {rate:,.0f} | {flops / 1e6:,.2f} M | {frac(rate, flops)} | {note} |")
+    L.append(
+        f"| predict with 16 samples (KV cache) | {s['predict_cache_16_samples_spots_per_s']:,.0f} | | | expected value "
+        "+ 16 draws for the uncertainty |"
+    )
+    L += [
+        "",
+        "Ridge on the same fold and genes (morphology features):",
+        "",
+        "| baseline | fit s | predict s | train spots | query spots |",
+        "|---|---|---|---|---|",
+    ]
+    for name in ("ridge", "ridge_cv"):
+        L.append(
+            f"| {name} | {s[f'{name}_fit_s']:.3f} | {s[f'{name}_predict_s']:.4f} | {s[f'{name}_train_spots']} | "
+            f"{s[f'{name}_query_spots']} |"
+        )
+    return "\n".join(L) + "\n"
+
+
+def write_all(doc: dict, raw: dict, out: Path) -> None:
+    """Write the three files."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "her2st.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / "her2st.md").write_text(her2st_md(doc))
+    (out / "speed.md").write_text(speed_md(doc))
