@@ -106,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="rewrite the report files in --out from the stored results of the last run (adds --note lines)",
     )
+    p.add_argument("--replace_notes", action="store_true", help="with --report_only: --note lines replace the old")
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--resume", action="store_true", help="reuse per-fold results of an interrupted identical run")
     p.add_argument(
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.report_only:
-        report_only(args.out, args.cache_dir, args.note)
+        report_only(args.out, args.cache_dir, args.note, replace_notes=args.replace_notes)
         return 0
     cfg = BenchConfig(
         splits=args.splits,
@@ -164,7 +165,9 @@ def _quick(cfg: BenchConfig) -> None:
     cfg.ablation_seeds = 1
 
 
-def report_only(out: str | Path, cache_dir: str | Path | None = None, notes: list[str] | None = None) -> dict:
+def report_only(
+    out: str | Path, cache_dir: str | Path | None = None, notes: list[str] | None = None, replace_notes: bool = False
+) -> dict:
     """Rewrite the three files from the stored per-fold results and the run facts of ``out/her2st.json``.
 
     For a run whose report writer changed afterwards, or to add notes: the command, date, wall time and machine stay
@@ -188,7 +191,7 @@ def report_only(out: str | Path, cache_dir: str | Path | None = None, notes: lis
         "peak_rss_gb": meta["peak_rss_gb"],
         "load_average": meta.get("load_average_at_end"),
         "skipped": meta.get("skipped_for_time", []),
-        "notes": [*meta.get("notes", []), *(notes or [])],
+        "notes": [*([] if replace_notes else meta.get("notes", [])), *(notes or [])],
     }
     doc = _report.build_json(raw, command=meta["command"], started=meta["date"])
     doc["machine"] = meta["machine"]

@@ -37,6 +37,19 @@ class VARSTSettings:
     vqvae_config: dict[str, Any] = field(default_factory=dict)
 
 
+#: torch threads for model work; re-applied before each fit because scanpy's gene selection (through the OpenMP
+#: runtime torch shares) resets torch's thread count to the number of cores
+THREADS: list[int] = [1]
+
+
+def apply_threads() -> None:
+    """Set torch's thread count to the benchmark's (``THREADS[0]``) again."""
+    import torch
+
+    if torch.get_num_threads() != THREADS[0]:
+        torch.set_num_threads(THREADS[0])
+
+
 def quiet_lightning() -> None:
     """Silence Lightning's per-fit banners (GPU/TPU availability, seed) in long benchmark logs."""
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning"):
@@ -106,6 +119,7 @@ def fit_varst(
     """Train a VARST (both stages, or stage 2 on the tokenizer of ``stage1_from``); return it and the seconds."""
     import varst_scverse as varst
 
+    apply_threads()
     cfg = {**settings.var_config, **(var_config or {})}
     model = varst.VARST(
         train,
@@ -165,6 +179,7 @@ def _copy_stage1(src, dst) -> None:
 
 def predict_varst(model, query: AnnData, n_samples: int = 16, **kw) -> dict[str, np.ndarray]:
     """Expected-value point prediction, its per-scale prefixes and ``n_samples`` draws (for the 90% coverage)."""
+    apply_threads()
     pred, prefixes = model.predict_expression(
         query, n_samples=0, decode="expected", return_prefixes=True, add_to_adata=False, **kw
     )
@@ -199,6 +214,7 @@ def nar_control(
 
     from ..module._quantizer import upsample_genes
 
+    apply_threads()
     module = model.module
     vq = module.vqvae
     quant = vq.quantizer

@@ -155,6 +155,7 @@ def run(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    M.THREADS[0] = int(cfg.threads)
     t_start = time.time()
     try:
         with threadpool_limits(limits=cfg.threads):
@@ -342,6 +343,7 @@ def _ablation_unit(
     key: str = "",
 ) -> dict[str, Any]:
     """Every ablation variant of one fold and target at one seed, scored against the same truth."""
+    M.apply_threads()
     variants = [v for v in cfg.variants if only is None or v in only]
     out: dict[str, Any] = {"default": _score(truth, base_pred, genes=genes)}
     t0 = time.time()
@@ -466,7 +468,9 @@ def _speed(model, query, adata, fold, genes, target, secs, settings, log) -> dic
         log(f"    speed: {what} ({time.time() - tick[0]:.0f}s)")
         tick[0] = time.time()
 
+    M.apply_threads()
     out: dict[str, Any] = {"stage1_epochs": settings.stage1_epochs, "stage2_epochs": settings.stage2_epochs}
+    out["threads"] = int(torch.get_num_threads())
     out["stage1_epochs_run"] = secs.get("stage1_epochs_run", settings.stage1_epochs)
     out["stage1_pipeline_spots_per_s"] = secs["stage1_spots"] * out["stage1_epochs_run"] / secs["stage1"]
     if settings.stage1_max_steps:
@@ -498,7 +502,6 @@ def _speed(model, query, adata, fold, genes, target, secs, settings, log) -> dic
     out["generated_tokens_all_scales"] = int(m4.module.n_generated_tokens)
     out["matmul_fp32_gflops_2_threads"] = S.matmul_gflops(threads=2)
     out["matmul_fp32_gflops_1_thread"] = S.matmul_gflops(threads=1)
-    out["threads"] = int(torch.get_num_threads())
     lap("matmul")
     out.update(S.ridge_times(adata, fold, genes, target, D.HIST_KEY))
     lap("ridge")
