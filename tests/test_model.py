@@ -623,3 +623,64 @@ def test_same_seed_gives_identical_stage1_history():
     first, second, other = run(0), run(0), run(1)
     pd.testing.assert_frame_equal(first, second, check_exact=True)
     assert not np.allclose(first["train_loss"], other["train_loss"])
+
+
+class _ModeProbe:
+    """A Lightning callback that records the training flags of the module's parts at every training batch."""
+
+    def __new__(cls):
+        import lightning.pytorch as lpl
+
+        class Probe(lpl.Callback):
+            def __init__(self) -> None:
+                self.seen: set[tuple[int, bool, bool, bool]] = set()
+
+            def on_train_batch_start(self, trainer, plan, batch, batch_idx) -> None:
+                m = plan.module
+                self.seen.add((m.current_stage, m.vqvae.training, m.var.training, m.condition.training))
+
+        return Probe()
+
+
+def test_training_runs_in_training_mode(data):
+    """Dropout, the null condition and coordinate dropout act only in training mode: both stages must train in it
+    (also a second stage-1 call after the module was put in eval mode), with the frozen tokenizer in eval mode."""
+    adata = data.train.copy()
+    VARST.setup_anndata(adata, **SETUP)
+    model = VARST(adata, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    probe = _ModeProbe()
+    model.train(stage=1, max_epochs=1, callbacks=[probe], **FAST)
+    model.train(stage=1, max_epochs=1, callbacks=[probe], **FAST)  # the module is in eval mode between the calls
+    assert {s[:2] for s in probe.seen} == {(1, True)}
+    probe = _ModeProbe()
+    model.train(stage=2, max_epochs=2, callbacks=[probe], **FAST)
+    assert probe.seen == {(2, False, True, True)}
+    assert not model.module.training  # and back in eval mode for prediction
+
+
+def test_cosine_lr_schedule(data):
+    from varst_scverse.model._training import lr_factor
+
+    assert lr_factor(0, 4, None) == pytest.approx(0.25)
+    assert lr_factor(10, 4, None) == 1.0
+    assert lr_factor(4, 4, 104) == pytest.approx(1.0)
+    assert lr_factor(54, 4, 104) == pytest.approx(0.525)
+    assert lr_factor(104, 4, 104) == pytest.approx(0.05)
+    adata = data.train.copy()
+    VARST.setup_anndata(adata, **SETUP)
+    model = VARST(adata, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    import lightning.pytorch as lpl
+
+    class LR(lpl.Callback):
+        lrs: list[float] = []
+
+        def on_train_batch_start(self, trainer, plan, batch, batch_idx) -> None:
+            self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    cb = LR()
+    model.train(stage=1, max_epochs=3, callbacks=[cb], lr_schedule="cosine", **FAST)
+    assert cb.lrs[0] == pytest.approx(FAST["lr"])
+    assert all(b < a for a, b in zip(cb.lrs, cb.lrs[1:], strict=False))
+    assert cb.lrs[-1] < 0.2 * FAST["lr"]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        model.train(stage=1, max_epochs=1, lr_schedule="linear", **FAST)

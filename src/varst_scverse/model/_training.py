@@ -6,6 +6,7 @@ each stage computes and what gets logged.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,24 @@ class SpotDataset(Dataset):
         return {k: v[j] for k, v in self.arrays.items()}
 
 
+#: learning-rate schedules after the warm-up
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+_COSINE_FLOOR = 0.05
+
+
+def lr_factor(step: int, warmup: int, total: int | None) -> float:
+    """Multiplier of the base learning rate at optimizer ``step``: linear warm-up, then constant or cosine decay.
+
+    ``total`` is the number of steps of the run for the cosine schedule (``None``: constant after the warm-up).
+    """
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if total is None:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(total - warmup, 1))
+    return _COSINE_FLOOR + (1.0 - _COSINE_FLOOR) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class VARSTTrainingPlan(pl.LightningModule):
     """Train one stage of :class:`~varst_scverse.module.TwoStageVARST` with AdamW.
 
@@ -43,16 +62,29 @@ class VARSTTrainingPlan(pl.LightningModule):
     lr, weight_decay
         AdamW settings.
     lr_warmup_steps
-        Linear warm-up steps (then constant).
+        Linear warm-up steps.
+    lr_schedule
+        After the warm-up: ``"constant"``, or ``"cosine"`` (half a cosine from ``lr`` down to ``lr / 20`` at the last
+        step of the run).
     """
 
-    def __init__(self, module: TwoStageVARST, lr: float = 1e-4, weight_decay: float = 1e-4, lr_warmup_steps: int = 0):
+    def __init__(
+        self,
+        module: TwoStageVARST,
+        lr: float = 1e-4,
+        weight_decay: float = 1e-4,
+        lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
+    ):
         super().__init__()
+        if lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
         self.module = module
         self.stage = module.current_stage
         self.lr = lr
         self.weight_decay = weight_decay
         self.lr_warmup_steps = lr_warmup_steps
+        self.lr_schedule = lr_schedule
         self._epoch_sums: dict[str, dict[str, float]] = {}
 
     # ------------------------------------------------------------------ steps
@@ -98,6 +130,10 @@ class VARSTTrainingPlan(pl.LightningModule):
                 self.log(f"validation_{key}", vals[key], batch_size=n, sync_dist=True)
 
     def on_train_epoch_start(self) -> None:  # noqa: D102
+        # Lightning keeps the modes the modules had before fit; VARST.train leaves the module in eval mode (it
+        # tokenises with it), so switch to training mode here: dropout, the null condition and coordinate dropout
+        # act only in training mode. In stage 2 the frozen tokenizer stays in eval mode (TwoStageVARST.train).
+        self.module.train()
         if self.stage == 1:
             self.module.vqvae.quantizer.reset_usage()
 
@@ -118,10 +154,13 @@ class VARSTTrainingPlan(pl.LightningModule):
     def configure_optimizers(self):  # noqa: D102
         params = [p for p in self.module.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        if not self.lr_warmup_steps:
+        if not self.lr_warmup_steps and self.lr_schedule == "constant":
             return opt
-        warm = self.lr_warmup_steps
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        warm = max(int(self.lr_warmup_steps), 0)
+        total = None
+        if self.lr_schedule == "cosine":
+            total = max(int(self.trainer.estimated_stepping_batches), warm + 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warm, total))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 

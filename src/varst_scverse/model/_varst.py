@@ -295,6 +295,7 @@ class VARST:
         num_workers: int = 0,
         pin_memory: bool = False,
         lr_warmup_steps: int = 0,
+        lr_schedule: str = "constant",
         enable_progress_bar: bool = True,
         logger: Any = False,
         default_root_dir: str | None = None,
@@ -326,6 +327,8 @@ class VARST:
             DataLoader settings.
         lr_warmup_steps
             Linear learning-rate warm-up.
+        lr_schedule
+            After the warm-up: ``"constant"`` or ``"cosine"`` (decays to ``lr / 20`` at the last step of the run).
         enable_progress_bar, logger, default_root_dir, callbacks, ckpt_path
             Lightning options; ``logger=True`` writes TensorBoard logs under ``default_root_dir``; ``ckpt_path``
             resumes from a Lightning checkpoint (a path, or ``"last"``: the latest one written with
@@ -412,7 +415,9 @@ class VARST:
         if ckpt_path == "last" and not save_checkpoints:
             raise ValueError('ckpt_path="last" resumes from checkpoints written with save_checkpoints=True; pass both.')
         self.module.set_training_stage(stage)
-        plan = VARSTTrainingPlan(self.module, lr=lr, weight_decay=weight_decay, lr_warmup_steps=lr_warmup_steps)
+        plan = VARSTTrainingPlan(
+            self.module, lr=lr, weight_decay=weight_decay, lr_warmup_steps=lr_warmup_steps, lr_schedule=lr_schedule
+        )
         history = HistoryCallback()
         cbs = [history, *(callbacks or [])]
         if early_stopping:
