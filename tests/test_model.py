@@ -684,3 +684,25 @@ def test_cosine_lr_schedule(data):
     assert cb.lrs[-1] < 0.2 * FAST["lr"]
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         model.train(stage=1, max_epochs=1, lr_schedule="linear", **FAST)
+
+
+def test_noise_calibration_is_capped(data, monkeypatch):
+    """The noise calibration after stage 2 generates for a bounded random subset, not for every training spot."""
+    import varst_scverse.model._varst as mv
+
+    adata = data.train.copy()
+    VARST.setup_anndata(adata, **SETUP)
+    model = VARST(adata, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    model.train(stage=1, max_epochs=1, **FAST)
+    monkeypatch.setattr(mv, "_CALIBRATION_MAX_SPOTS", 50)
+    seen: list[int] = []
+    generate = model.module.generate
+
+    def counting(hist, *args, **kw):
+        seen.append(hist.shape[0])
+        return generate(hist, *args, **kw)
+
+    monkeypatch.setattr(model.module, "generate", counting)
+    model.train(stage=2, max_epochs=1, train_size=1.0, **FAST)
+    assert seen and max(seen) <= 50 and sum(seen) == 2 * 50  # one expected-value and one sampling pass
+    assert torch.all(model.module.noise_std > 0)

@@ -42,6 +42,8 @@ Stage = Literal[1, 2]
 _WEIGHTS_FILE = "model.safetensors"
 _META_FILE = "varst.json"
 _DEFAULT_BATCH = {1: 256, 2: 64}
+#: the noise calibration after stage 2 looks at no more spots than this
+_CALIBRATION_MAX_SPOTS = 2048
 _DEFAULT_EPOCHS = {"seed": {1: 150, 2: 300}, "cpu": {1: 60, 2: 60}}
 
 
@@ -479,10 +481,14 @@ class VARST:
     def _calibrate_noise(self, arrays: dict[str, np.ndarray], rows: np.ndarray, seed: int, n_samples: int = 8) -> None:
         """Per-gene observation noise: residual variance of the point prediction beyond the spread of the draws.
 
-        Measured on the validation spots (the training spots when there are none) and stored in the module.
+        Measured on the validation spots (the training spots when there are none), at most
+        ``_CALIBRATION_MAX_SPOTS`` of them drawn at random (the estimate needs a few thousand spots, not a whole
+        atlas: each spot costs ``n_samples + 1`` generations), and stored in the module.
         """
         mod = self.module
         mod.noise_std.zero_()
+        if len(rows) > _CALIBRATION_MAX_SPOTS:
+            rows = np.sort(np.random.default_rng(seed).choice(rows, _CALIBRATION_MAX_SPOTS, replace=False))
         gen = torch.Generator().manual_seed(seed)
         resid2, spread = [], []
         for chunk in _chunks(rows, 512):
