@@ -27,7 +27,15 @@ class GeneMixerBlock(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        x = x + self.gene_mlp(self.norm1(x).transpose(1, 2)).transpose(1, 2)
+        return self.mix_channels(x + self.mix_genes(self.norm1(x)))
+
+    def mix_genes(self, x: torch.Tensor) -> torch.Tensor:
+        """The across-genes MLP on ``[B, G, D]`` as left matrix products (no transposed copies of the feature map)."""
+        first, last = self.gene_mlp[0], self.gene_mlp[2]
+        h = self.gene_mlp[1](torch.matmul(first.weight, x) + first.bias[:, None])
+        return torch.matmul(last.weight, h) + last.bias[:, None]
+
+    def mix_channels(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         return x + self.channel_mlp(self.norm2(x))
 
 
