@@ -17,7 +17,20 @@ def quick_run(data_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bench_out")
     cache = tmp_path_factory.mktemp("bench_cache")
-    rc = main(["--quick", "--no_speed", "--out", str(out), "--cache_dir", str(cache), "--data_dir", str(data_dir)])
+    rc = main(
+        [
+            "--quick",
+            "--no_speed",
+            "--workers",
+            "2",
+            "--out",
+            str(out),
+            "--cache_dir",
+            str(cache),
+            "--data_dir",
+            str(data_dir),
+        ]
+    )
     assert rc == 0
     return out, json.loads((out / "her2st.json").read_text()), cache
 

@@ -93,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--variants", type=_csv, default=INFERENCE_VARIANTS + TRAINING_VARIANTS, help="ablation variants to run"
     )
     p.add_argument("--ablation_seeds", type=int, default=2, help="seeds for variants within 0.03 of the default")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that fit the VARST units (without speed or ablations) in parallel, each with --threads",
+    )
     p.add_argument("--no_speed", action="store_true", help="skip the speed measurements")
     p.add_argument(
         "--time_budget_min",
@@ -139,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         variants=args.variants,
         speed=not args.no_speed,
         threads=args.threads,
+        workers=args.workers,
         data_dir=args.data_dir,
         cache_dir=args.cache_dir,
         resume=args.resume,

@@ -76,6 +76,7 @@ class BenchConfig:
     speed: bool = True
     quick: bool = False
     threads: int = 1
+    workers: int = 1  # processes that fit VARST units in parallel (each with ``threads`` threads)
     data_dir: str | None = None
     cache_dir: str | None = None
     resume: bool = False
@@ -137,6 +138,7 @@ def _fingerprint(cfg: BenchConfig) -> dict:
         "speed",
         "extra",
         "time_budget_min",
+        "workers",
         "ablations",
         "variants",
         "ablation_splits",
@@ -251,6 +253,16 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
             deferred.remove(ctx)
 
     order = _unit_order([k for k in jobs if k[2] in cfg.varst_genesets])
+    if cfg.workers > 1:
+        # plain units (no speed, no ablations) in parallel processes; the rest below, in this process
+        plain = [
+            jk
+            for jk in order
+            if "varst" not in store.get(jobs[jk]["key"])["methods"]
+            and not (cfg.ablations and jk[2] == cfg.ablation_geneset and jk[0] in cfg.ablation_splits)
+            and not (cfg.speed and not speed and jk[0] == speed_split and jk[2] == cfg.ablation_geneset)
+        ]
+        _parallel_units(plain, jobs, store, adata, cache, settings, cfg, tokenizer_mode, budget, log)
     for i, jk in enumerate(order):
         split, fold, gname, target = jk
         if i > 0 and order[i - 1][0] == "cross_B4" and split != "cross_B4":
@@ -275,21 +287,9 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
         t0 = time.time()
         fit = _fit_default(adata, fold, job["genes"], target, job["query"], settings, cfg, tokenizer_mode)
         if "varst" not in unit["methods"]:
-            p = fit["pred"]
-            truth, genes = job["truth"], job["genes"]
-            row = _score(truth, p["pred"], p.get("samples"), genes)
-            row["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in p["prefixes"]]
-            unit["methods"]["varst"] = row
-            ridge = M.run_baselines(adata, fold, genes, target, seed=cfg.seed, only=("ridge_cv",))["ridge_cv"]
-            unit["methods"]["varst_ridge_avg"] = _score(truth, (p["pred"] + ridge) / 2, None, genes)
-            unit["varst_seconds"] = fit["secs"]
-            unit["tokenizer_spots"] = int(fit["train"].n_obs)
+            unit.update(_varst_rows(fit, job, adata, cfg))
+            _log_unit(log, key, unit, t0, budget)
             store.put(key, unit)
-            log(
-                f"[{key}] varst {row['mean_pearson']:.3f} (coverage {row.get('coverage_90', float('nan')):.2f})  "
-                f"ridge_cv {unit['methods']['ridge_cv']['mean_pearson']:.3f}  "
-                f"({time.time() - t0:.0f}s; total {budget.minutes():.1f} min)"
-            )
         if want_speed:
             speed = _speed(fit["model"], job["query"], adata, fold, job["genes"], target, fit["secs"], settings, log)
             speed["unit"] = key
@@ -310,6 +310,71 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
         "skipped": budget.skipped,
         "notes": cfg.extra.get("notes", []),
     }
+
+
+def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfig) -> dict[str, Any]:
+    """The unit entries of a fitted default VARST: its scores, the VARST + ridge average, seconds, spots."""
+    p, truth, genes = fit["pred"], job["truth"], job["genes"]
+    row = _score(truth, p["pred"], p.get("samples"), genes)
+    row["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in p["prefixes"]]
+    fold, target = job["fold"], job["target"]
+    ridge = M.run_baselines(adata, fold, genes, target, seed=cfg.seed, only=("ridge_cv",))["ridge_cv"]
+    avg = _score(truth, (p["pred"] + ridge) / 2, None, genes)
+    return {
+        "methods_update": {"varst": row, "varst_ridge_avg": avg},
+        "varst_seconds": fit["secs"],
+        "tokenizer_spots": int(fit["train"].n_obs),
+    }
+
+
+def _log_unit(log, key: str, unit: dict[str, Any], t0: float, budget: Budget) -> None:
+    """Merge the VARST rows into the unit's methods and log the line."""
+    unit["methods"].update(unit.pop("methods_update", {}))
+    row = unit["methods"]["varst"]
+    log(
+        f"[{key}] varst {row['mean_pearson']:.3f} (coverage {row.get('coverage_90', float('nan')):.2f})  "
+        f"ridge_cv {unit['methods']['ridge_cv']['mean_pearson']:.3f}  "
+        f"({time.time() - t0:.0f}s; total {budget.minutes():.1f} min)"
+    )
+
+
+def _worker_unit(cache: str, all_sections: bool, job: dict[str, Any], settings, cfg, tokenizer_mode) -> dict:
+    """One VARST unit in a worker process: read the cached embedded HER2ST, fit, predict, score."""
+    import torch
+
+    M.quiet_lightning()
+    torch.set_num_threads(cfg.threads)
+    M.THREADS[0] = int(cfg.threads)
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=cfg.threads):
+        adata = D.load_embedded(cfg.data_dir, Path(cache), all_sections=all_sections, log=lambda *_: None)
+        job = {**job, "query": D.query_without_counts(adata, job["fold"].test)}
+        fit = _fit_default(adata, job["fold"], job["genes"], job["target"], job["query"], settings, cfg, tokenizer_mode)
+        return _varst_rows(fit, job, adata, cfg)
+
+
+def _parallel_units(keys, jobs, store, adata, cache, settings, cfg, tokenizer_mode, budget, log) -> None:
+    """Fit the default VARST of ``keys`` in ``cfg.workers`` processes (spawned: no forked OpenMP state)."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    if not keys:
+        return
+    log(f"{len(keys)} VARST units on {cfg.workers} worker processes")
+    t0 = time.time()
+    with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
+        futures = {}
+        for jk in keys:
+            job = {k: v for k, v in jobs[jk].items() if k != "query"}
+            fut = pool.submit(_worker_unit, str(cache), not cfg.quick, job, settings, cfg, tokenizer_mode)
+            futures[fut] = jobs[jk]["key"]
+        for fut in as_completed(futures):
+            key = futures[fut]
+            unit = store.get(key)
+            unit.update(fut.result())
+            _log_unit(log, key, unit, t0, budget)
+            store.put(key, unit)
 
 
 def _fit_default(adata, fold, genes, target, query, settings, cfg, tokenizer_mode) -> dict[str, Any]:
