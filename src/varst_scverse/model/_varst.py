@@ -491,7 +491,7 @@ class VARST:
             rows = np.sort(np.random.default_rng(seed).choice(rows, _CALIBRATION_MAX_SPOTS, replace=False))
         gen = torch.Generator().manual_seed(seed)
         resid2, spread = [], []
-        for chunk in _chunks(rows, 512):
+        for chunk in _chunks(rows, _spots_per_batch(512, n_samples)):
             args = [torch.as_tensor(arrays["histology"][chunk]), torch.as_tensor(arrays["coords"][chunk])]
             args.append(torch.as_tensor(arrays["neighbours"][chunk]) if "neighbours" in arrays else None)
             point = mod.generate(*args, decode="expected")["expression"][0]
@@ -617,7 +617,9 @@ class VARST:
         cfg
             Classifier-free guidance scale (1 = none).
         batch_size
-            Spots per batch (memory scales with it, not with the number of spots).
+            Sequences generated at a time: ``batch_size // n_samples`` spots per batch when sampling (each spot is
+            generated ``n_samples`` times), ``batch_size`` spots otherwise. Memory scales with it, not with the number
+            of spots.
         add_to_adata
             Write ``layers['varst_predicted']`` and ``layers['varst_uncertainty']`` (NaN for genes the model does
             not predict) and ``obsm['varst_tokens']``; when the query lacks some model genes the predictions go to
@@ -667,7 +669,7 @@ class VARST:
         self.module.eval()
         mean_parts, std_parts, tok_parts, pre_parts = [], [], [], []
         sample_kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg, "use_cache": use_cache}
-        for chunk in _chunks(rows, batch_size):
+        for chunk in _chunks(rows, _spots_per_batch(batch_size, n_samples)):
             b = self._batch_tensors(sp, chunk)
             args = (b["histology"], b["coords"], b.get("neighbours"))
             samples = None
@@ -729,7 +731,8 @@ class VARST:
         """Sampled predictions ``[n_samples, n_spots, n_genes]`` in the model's gene order (for calibration checks).
 
         With ``add_noise`` (default) each draw includes the calibrated per-gene observation noise, so the draws form
-        a predictive distribution for observed expression; keyword arguments go to the sampler.
+        a predictive distribution for observed expression; ``batch_size`` counts generated sequences
+        (``batch_size // n_samples`` spots at a time); keyword arguments go to the sampler.
         """
         self._require(2)
         adata = self._validate_adata(adata)
@@ -738,7 +741,7 @@ class VARST:
         self.module.eval()
         parts = []
         with torch.inference_mode():
-            for chunk in _chunks(np.arange(adata.n_obs), batch_size):
+            for chunk in _chunks(np.arange(adata.n_obs), _spots_per_batch(batch_size, n_samples)):
                 b = self._batch_tensors(sp, chunk)
                 out = self.module.generate(
                     b["histology"],
@@ -902,6 +905,11 @@ def _fill_rows(values: np.ndarray, keep: np.ndarray, fill) -> np.ndarray:
     out = np.full((len(keep), *values.shape[1:]), fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
     out[keep] = values
     return out
+
+
+def _spots_per_batch(batch_size: int, n_samples: int) -> int:
+    """Spots per generation batch when each spot is generated ``n_samples`` times (memory ∝ sequences)."""
+    return max(1, int(batch_size) // max(1, int(n_samples)))
 
 
 def _chunks(rows: np.ndarray, size: int):
