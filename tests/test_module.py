@@ -586,3 +586,19 @@ def test_free_running_aux_decode_trains_what_expected_generation_predicts():
     out["loss"].backward()
     assert out["aux_decode_loss"] > 0 and m.var.blocks[0].qkv.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in m.vqvae.parameters())  # the tokenizer stays frozen
+
+
+def test_resampling_matrices_survive_inference_mode():
+    """The cached gene pooling/interpolation matrices first built inside inference mode still train afterwards."""
+    from varst_scverse.module._quantizer import _resampling_matrix, pool_genes, upsample_genes
+
+    _resampling_matrix.cache_clear()
+    x = torch.randn(3, 23, 4)
+    with torch.inference_mode():
+        pool_genes(x, 5)
+        upsample_genes(torch.randn(3, 5, 4), 23)
+    w = torch.randn(3, 23, 4, requires_grad=True)
+    upsample_genes(pool_genes(w, 5), 23).sum().backward()
+    assert w.grad is not None and torch.isfinite(w.grad).all()
+    ref = torch.nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), 5).transpose(1, 2)
+    torch.testing.assert_close(pool_genes(x, 5), ref)

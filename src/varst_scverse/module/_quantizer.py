@@ -23,12 +23,14 @@ def _resampling_matrix(n_out: int, n_in: int, kind: str) -> torch.Tensor:
     ``adaptive_avg_pool1d`` / ``interpolate(mode="linear", align_corners=False)`` exactly; a product (and its
     backward, another product) is several times faster on CPU than those operators' kernels.
     """
-    eye = torch.eye(n_in, dtype=torch.float64)[None]  # [1, n_in (channels), n_in (length)]
-    if kind == "pool":
-        out = F.adaptive_avg_pool1d(eye, n_out)
-    else:
-        out = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)
-    return out[0].T.contiguous().float()  # [n_out, n_in]
+    # cached across calls: built as a plain tensor even when the first call comes from inside inference mode
+    with torch.inference_mode(False), torch.no_grad():
+        eye = torch.eye(n_in, dtype=torch.float64)[None]  # [1, n_in (channels), n_in (length)]
+        if kind == "pool":
+            out = F.adaptive_avg_pool1d(eye, n_out)
+        else:
+            out = F.interpolate(eye, size=n_out, mode="linear", align_corners=False)
+        return out[0].T.contiguous().float()  # [n_out, n_in]
 
 
 def _resample(x: torch.Tensor, n_out: int, kind: str) -> torch.Tensor:
