@@ -302,6 +302,9 @@ VARIANT_HELP = {
     "neighbour_k_0": "stage 2 retrained without neighbour context (`var_config={'neighbour_k': 0}`), same tokenizer",
     "all_4_scales": "stage 2 retrained generating all four scales (`generate_scales=None`), same tokenizer",
     "aux_decode_0": "stage 2 retrained without the auxiliary decode loss (`aux_decode_weight=0`), same tokenizer",
+    "aux_decode_teacher": "stage 2 retrained with the auxiliary decode on teacher-forced probabilities "
+    "(`aux_decode_mode='teacher'`) instead of the free roll-out inference takes, same tokenizer",
+    "coordinates_off": "stage 2 retrained without coordinates (`coordinate_dropout=1.0`), same tokenizer",
     "tokenizer_train_only": "both stages retrained, tokenizer on the training sections only",
     "nar_control": "non-autoregressive control: MLP from the same inputs to code probabilities at the same 41 "
     "positions, frozen stage-1 decoder, CE + aux decode loss, expected decode",

@@ -44,6 +44,8 @@ TRAINING_VARIANTS: tuple[str, ...] = (
     "neighbour_k_0",
     "all_4_scales",
     "aux_decode_0",
+    "aux_decode_teacher",
+    "coordinates_off",
     "tokenizer_train_only",
     "nar_control",
 )
@@ -51,6 +53,8 @@ _VARIANT_CONFIG = {
     "neighbour_k_0": {"neighbour_k": 0},
     "all_4_scales": {"generate_scales": None},
     "aux_decode_0": {"aux_decode_weight": 0.0},
+    "aux_decode_teacher": {"aux_decode_mode": "teacher"},
+    "coordinates_off": {"coordinate_dropout": 1.0},
 }
 
 
