@@ -32,7 +32,7 @@ def run_demo(
     data_dir: str | Path | None = None,
     n_genes: int = 200,
     stage1_epochs: int = 4,
-    stage2_epochs: int = 20,
+    stage2_epochs: int = 15,
     tokenizer_sections: str = "all",
     seed: int = 0,
     quick: bool = False,
@@ -240,7 +240,7 @@ def _fit_and_predict(train, query, target: str, stage1_epochs: int, stage2_epoch
     model.train(stage=2, max_epochs=stage2_epochs, lr=1e-3, enable_progress_bar=False)
     t2 = time.time()
     q = query.copy()
-    pred, prefixes = model.predict_expression(q, n_samples=16, return_prefixes=True)
+    pred, prefixes = model.predict_expression(q, n_samples=8, return_prefixes=True)
     samples = model.predict_samples(q, n_samples=16)
     t3 = time.time()
     _log(f"[{target}] stage 1 {t1 - t0:.0f}s ({train.n_obs} spots), stage 2 {t2 - t1:.0f}s, predict {t3 - t2:.1f}s")
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None)
     p.add_argument("--n_genes", type=int, default=200)
     p.add_argument("--stage1_epochs", type=int, default=4)
-    p.add_argument("--stage2_epochs", type=int, default=20)
+    p.add_argument("--stage2_epochs", type=int, default=15)
     p.add_argument("--tokenizer_sections", choices=("all", "train"), default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="reduced size, for tests")

@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--genesets", type=_csv, default=GENESETS, help="gene sets for the baselines")
     p.add_argument("--varst_genesets", type=_csv, default=("top50", "top250"), help="gene sets VARST runs on")
     p.add_argument(
+        "--varst_cp10k_splits",
+        type=_csv,
+        default=("within_C", "cross_B4"),
+        help="splits where VARST also runs on the CP10k target (the baselines always do)",
+    )
+    p.add_argument(
         "--detected10_splits", type=_csv, default=("within_C", "cross_B4"), help="splits with the detected10 gene set"
     )
     p.add_argument("--targets", type=_csv, default=TARGETS)
@@ -132,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         splits=args.splits,
         genesets=args.genesets,
         varst_genesets=args.varst_genesets,
+        varst_cp10k_splits=args.varst_cp10k_splits,
         detected10_splits=args.detected10_splits,
         targets=args.targets,
         seed=args.seed,

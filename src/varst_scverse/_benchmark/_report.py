@@ -236,7 +236,7 @@ def headline(doc: dict) -> list[str]:
             return _f(row.get(key)) if key != "mean_pearson" else _pm(row)
 
         if v is None:
-            vtxt, dtxt, cov, avg = "not run (time budget)", "–", "–", "–"
+            vtxt, dtxt, cov, avg = "not run (see notes)", "–", "–", "–"
         else:
             vtxt = cell(v)
             dtxt = f"{v[key] - brow[key]:+.3f}"

@@ -65,6 +65,7 @@ class BenchConfig:
     splits: tuple[str, ...] = ("within_C", "cross_B4")
     genesets: tuple[str, ...] = D.GENESETS
     varst_genesets: tuple[str, ...] = ("top50", "top250")
+    varst_cp10k_splits: tuple[str, ...] = ("within_C", "cross_B4")  # splits where VARST also runs on the CP10k target
     detected10_splits: tuple[str, ...] = ("within_C", "cross_B4")
     targets: tuple[str, ...] = D.TARGETS
     seed: int = 0
@@ -256,7 +257,9 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
             ctx.pop("model", None)
             deferred.remove(ctx)
 
-    order = _unit_order([k for k in jobs if k[2] in cfg.varst_genesets])
+    order = _unit_order(
+        [k for k in jobs if k[2] in cfg.varst_genesets and (k[3] != "cp10k" or k[0] in cfg.varst_cp10k_splits)]
+    )
     if cfg.workers > 1:
         # plain units (no speed, no ablations) in parallel processes; the rest below, in this process
         plain = [
