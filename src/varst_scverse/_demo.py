@@ -32,7 +32,7 @@ def run_demo(
     data_dir: str | Path | None = None,
     n_genes: int = 200,
     stage1_epochs: int = 4,
-    stage2_epochs: int = 15,
+    stage2_epochs: int = 12,
     tokenizer_sections: str = "all",
     seed: int = 0,
     quick: bool = False,
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data_dir", default=None)
     p.add_argument("--n_genes", type=int, default=200)
     p.add_argument("--stage1_epochs", type=int, default=4)
-    p.add_argument("--stage2_epochs", type=int, default=15)
+    p.add_argument("--stage2_epochs", type=int, default=12)
     p.add_argument("--tokenizer_sections", choices=("all", "train"), default="all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="reduced size, for tests")
