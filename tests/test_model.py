@@ -672,7 +672,8 @@ def test_cosine_lr_schedule(data):
     import lightning.pytorch as lpl
 
     class LR(lpl.Callback):
-        lrs: list[float] = []
+        def __init__(self) -> None:
+            self.lrs: list[float] = []
 
         def on_train_batch_start(self, trainer, plan, batch, batch_idx) -> None:
             self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])

@@ -294,7 +294,7 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
         t0 = time.time()
         fit = _fit_default(adata, fold, job["genes"], target, job["query"], settings, cfg, tokenizer_mode)
         if "varst" not in unit["methods"]:
-            unit.update(_varst_rows(fit, job, adata, cfg))
+            _add_varst(unit, _varst_rows(fit, job, adata, cfg))
             _log_unit(log, key, unit, t0, budget)
             store.put(key, unit)
         if want_speed:
@@ -328,15 +328,20 @@ def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfi
     ridge = M.run_baselines(adata, fold, genes, target, seed=cfg.seed, only=("ridge_cv",))["ridge_cv"]
     avg = _score(truth, (p["pred"] + ridge) / 2, None, genes)
     return {
-        "methods_update": {"varst": row, "varst_ridge_avg": avg},
+        "methods": {"varst": row, "varst_ridge_avg": avg},
         "varst_seconds": fit["secs"],
         "tokenizer_spots": int(fit["train"].n_obs),
     }
 
 
+def _add_varst(unit: dict[str, Any], rows: dict[str, Any]) -> None:
+    """Put the entries of :func:`_varst_rows` into a unit (its methods beside the baselines')."""
+    unit["methods"].update(rows["methods"])
+    unit.update({k: v for k, v in rows.items() if k != "methods"})
+
+
 def _log_unit(log, key: str, unit: dict[str, Any], t0: float, budget: Budget) -> None:
-    """Merge the VARST rows into the unit's methods and log the line."""
-    unit["methods"].update(unit.pop("methods_update", {}))
+    """Log a unit's VARST line."""
     row = unit["methods"]["varst"]
     log(
         f"[{key}] varst {row['mean_pearson']:.3f} (coverage {row.get('coverage_90', float('nan')):.2f})  "
@@ -379,7 +384,7 @@ def _parallel_units(keys, jobs, store, adata, cache, settings, cfg, tokenizer_mo
         for fut in as_completed(futures):
             key = futures[fut]
             unit = store.get(key)
-            unit.update(fut.result())
+            _add_varst(unit, fut.result())
             _log_unit(log, key, unit, t0, budget)
             store.put(key, unit)
 
