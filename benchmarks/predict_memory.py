@@ -58,7 +58,11 @@ def main() -> None:
     xy = np.stack(np.meshgrid(np.arange(side), np.arange(side)), -1).reshape(-1, 2)[: args.n_spots] * 100.0
     query = ad.AnnData(obs={"section": ["Q"] * args.n_spots})
     query.obs_names = [f"q{i}" for i in range(args.n_spots)]
-    query.obsm["X_histology"] = rng.normal(size=(args.n_spots, args.histology_dim)).astype(np.float32)
+    hist = np.empty((args.n_spots, args.histology_dim), dtype=np.float32)  # filled in blocks: no float64 copy
+    for start in range(0, args.n_spots, 10_000):
+        block = hist[start : start + 10_000]
+        block[:] = rng.standard_normal(block.shape, dtype=np.float32)
+    query.obsm["X_histology"] = hist
     query.obsm["spatial"] = xy
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, __file__, "--train_to", tmp, "--histology_dim", str(args.histology_dim)]

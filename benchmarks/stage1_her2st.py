@@ -1,6 +1,6 @@
 """Stage-1 tokenizer quality on HER2ST: train on patients A–F, reconstruct patients G–H; beside PCA.
 
-Usage: python benchmarks/stage1_her2st.py [--epochs 6] [--vocab_size 4096] [--out benchmarks/results/stage1.json]
+Usage: python benchmarks/stage1_her2st.py [--epochs 8] [--vocab_size 4096] [--out benchmarks/results/stage1.json]
 Also measures stage-1 training throughput (spots/s) of both presets on this machine.
 """
 
@@ -47,7 +47,7 @@ def _throughput(preset: str, n_genes: int, steps: int = 4, batch: int = 256) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--vocab_size", type=int, default=4096)
     p.add_argument("--embed_dim", type=int, default=64)
     p.add_argument("--out", default="benchmarks/results/stage1_her2st.json")

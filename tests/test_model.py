@@ -162,6 +162,26 @@ def test_partly_nan_histology_row_is_an_error():
         VARST.setup_anndata(a, layer="counts")
 
 
+def test_histology_check_in_blocks_matches_whole_array():
+    """The block-wise check (no full-size boolean copies) finds problems in any block, not only the first."""
+    from varst_scverse.model._validation import check_histology
+
+    rng = np.random.default_rng(0)
+    h = rng.normal(size=(50, 4))
+    h[[3, 17, 49]] = np.nan
+    np.testing.assert_array_equal(check_histology(h, "h", chunk_rows=7), check_histology(h, "h", chunk_rows=1000))
+    assert check_histology(h, "h", chunk_rows=7).sum() == 47
+    bad = h.copy()
+    bad[45, 1] = np.nan
+    bad[30, 0] = np.nan
+    with pytest.raises(ValueError, match="2 spots have partly-NaN"):
+        check_histology(bad, "h", chunk_rows=7)
+    bad = h.copy()
+    bad[44, 2] = np.inf
+    with pytest.raises(ValueError, match="infinite"):
+        check_histology(bad, "h", chunk_rows=7)
+
+
 def test_all_nan_histology_row_trains_stage1_only(monkeypatch):
     """An expression-only spot: accepted, used by stage 1, left out of stage 2, predicted as NaN."""
     import varst_scverse.model._varst as varst_mod
@@ -656,6 +676,38 @@ def test_training_runs_in_training_mode(data):
     model.train(stage=2, max_epochs=2, callbacks=[probe], **FAST)
     assert probe.seen == {(2, False, True, True)}
     assert not model.module.training  # and back in eval mode for prediction
+
+
+def test_average_last_epochs_keeps_the_mean_of_epoch_end_weights(data):
+    """Stage 2 with ``average_last_epochs=2`` ends on the mean of the weights at the ends of its last two epochs;
+    the frozen tokenizer is untouched and the option refuses to combine with ``restore_best``."""
+    import lightning.pytorch as lpl
+
+    class Snapshots(lpl.Callback):
+        def __init__(self) -> None:
+            self.states: list[dict[str, torch.Tensor]] = []
+
+        def on_train_epoch_end(self, trainer, plan) -> None:
+            self.states.append({k: v.detach().clone() for k, v in plan.module.state_dict().items()})
+
+    adata = data.train.copy()
+    VARST.setup_anndata(adata, **SETUP)
+    model = VARST(adata, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    model.train(stage=1, max_epochs=1, **FAST)
+    tokenizer = {k: v.clone() for k, v in model.module.vqvae.state_dict().items()}
+    snaps = Snapshots()
+    model.train(stage=2, max_epochs=3, train_size=1.0, average_last_epochs=2, callbacks=[snaps], **FAST)
+    final = model.module.state_dict()
+    name = next(k for k, v in final.items() if k.startswith("var.") and v.is_floating_point() and v.numel() > 10)
+    expected = (snaps.states[1][name] + snaps.states[2][name]) / 2
+    torch.testing.assert_close(final[name], expected)
+    assert not torch.allclose(final[name], snaps.states[2][name])  # not simply the last epoch
+    for k, v in model.module.vqvae.state_dict().items():
+        assert torch.equal(v, tokenizer[k])
+    with pytest.raises(ValueError, match="either restore_best"):
+        model.train(stage=2, max_epochs=1, restore_best=True, average_last_epochs=2, **FAST)
+    with pytest.raises(ValueError, match="average_last_epochs must be"):
+        model.train(stage=2, max_epochs=1, average_last_epochs=-1, **FAST)
 
 
 def test_cosine_lr_schedule(data):

@@ -81,18 +81,25 @@ def get_obsm(adata: AnnData, key: str, what: str) -> np.ndarray:
     return arr
 
 
-def check_histology(hist: np.ndarray, key: str) -> np.ndarray:
-    """Histology features: finite, or a whole row NaN (no image for that spot). Returns the has-histology mask."""
+def check_histology(hist: np.ndarray, key: str, chunk_rows: int = 8192) -> np.ndarray:
+    """Histology features: finite, or a whole row NaN (no image for that spot). Returns the has-histology mask.
+
+    Checked in blocks of ``chunk_rows`` rows so that a large query needs no full-size boolean copies.
+    """
     if hist.shape[1] < 1:
         raise ValueError(f"adata.obsm[{key!r}] has zero columns; embed the histology first (varst.pp.embed_histology).")
-    if np.isinf(hist).any():
-        raise ValueError(f"adata.obsm[{key!r}] contains infinite values; fix or re-embed those spots.")
-    nan = np.isnan(hist)
-    row_all = nan.all(1)
-    partial = nan.any(1) & ~row_all
-    if partial.any():
+    row_all = np.zeros(hist.shape[0], dtype=bool)
+    n_partial = 0
+    for start in range(0, hist.shape[0], chunk_rows):
+        block = hist[start : start + chunk_rows]
+        if np.isinf(block).any():
+            raise ValueError(f"adata.obsm[{key!r}] contains infinite values; fix or re-embed those spots.")
+        nan = np.isnan(block)
+        row_all[start : start + len(block)] = nan.all(1)
+        n_partial += int((nan.any(1) & ~nan.all(1)).sum())
+    if n_partial:
         raise ValueError(
-            f"{int(partial.sum())} spots have partly-NaN histology in adata.obsm[{key!r}]. A spot without an image "
+            f"{n_partial} spots have partly-NaN histology in adata.obsm[{key!r}]. A spot without an image "
             "must have its whole row NaN (expression-only spot); otherwise re-embed those spots."
         )
     return ~row_all

@@ -27,6 +27,7 @@ from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
 from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
 from ._training import (
     BestWeightsInMemory,
+    EpochWeightAverage,
     HistoryCallback,
     SpotDataset,
     VARSTTrainingPlan,
@@ -305,6 +306,7 @@ class VARST:
         ckpt_path: str | None = None,
         save_checkpoints: bool = False,
         restore_best: bool | None = None,
+        average_last_epochs: int = 0,
         seed: int | None = None,
         **trainer_kwargs: Any,
     ) -> pd.DataFrame:
@@ -344,7 +346,13 @@ class VARST:
             After training, go back to the weights of the best validation epoch (stage 1: validation loss; stage 2:
             error of the expected-value decode, or cross-entropy without the auxiliary loss). Kept in memory, or
             read from ``best.ckpt`` with ``save_checkpoints=True``. Default: on for stage 2 when there is a
-            validation set (stage 2 overfits small sections quickly), off for stage 1.
+            validation set (stage 2 overfits small sections quickly), off for stage 1 and when
+            ``average_last_epochs`` is set.
+        average_last_epochs
+            Keep the average of the trained weights at the ends of the last this many epochs (stochastic weight
+            averaging by epoch) instead of the last epoch's weights; ``0`` = off. Smooths the epoch-to-epoch swings
+            of the held-out score and needs no validation set, so it pairs with ``train_size=1.0``. Not combinable
+            with ``restore_best=True``, and a run stopped early by ``early_stopping`` keeps its last weights.
         seed
             Seed of this run (defaults to the model's seed).
         **trainer_kwargs
@@ -410,8 +418,12 @@ class VARST:
             if len(val_rows)
             else None
         )
+        if average_last_epochs < 0:
+            raise ValueError(f"average_last_epochs must be >= 0, got {average_last_epochs}.")
+        if average_last_epochs and restore_best:
+            raise ValueError("Pass either restore_best=True or average_last_epochs > 0, not both.")
         if restore_best is None:
-            restore_best = stage == 2 and val_dl is not None
+            restore_best = stage == 2 and val_dl is not None and not average_last_epochs
         if restore_best and val_dl is None:
             raise ValueError("restore_best needs a validation set (train_size < 1).")
         if ckpt_path == "last" and not save_checkpoints:
@@ -433,6 +445,8 @@ class VARST:
         if restore_best and ckpt_cb is None:
             best_cb = BestWeightsInMemory(best_weights_monitor(self.module))
             cbs.append(best_cb)
+        if average_last_epochs:
+            cbs.append(EpochWeightAverage(min(average_last_epochs, max_epochs)))
         if logger is True:
             logger = lpl.loggers.TensorBoardLogger(default_root_dir or "lightning_logs", name=f"stage{stage}")
         if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
@@ -663,14 +677,14 @@ class VARST:
                 f"{int(missing.sum())} spots have no histology (all-NaN rows); their predictions are NaN.",
                 stacklevel=2,
             )
-        rows = rows[~missing]
+        keep = np.flatnonzero(~missing)  # output rows that get a prediction
         seed = self.init_params_["seed"] if seed is None else seed
         gen = torch.Generator().manual_seed(seed)
         self.module.eval()
-        mean_parts, std_parts, tok_parts, pre_parts = [], [], [], []
+        out = _RowFiller(len(rows))
         sample_kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg, "use_cache": use_cache}
-        for chunk in _chunks(rows, _spots_per_batch(batch_size, n_samples)):
-            b = self._batch_tensors(sp, chunk)
+        for at in _chunks(keep, _spots_per_batch(batch_size, n_samples)):
+            b = self._batch_tensors(sp, rows[at])
             args = (b["histology"], b["coords"], b.get("neighbours"))
             samples = None
             if n_samples > 0:
@@ -694,19 +708,16 @@ class VARST:
                 )
                 point, tokens = p["expression"][0], p["tokens"][0]
                 pre = p["prefix_expression"][:, 0] if return_prefixes else None
-            mean_parts.append(point.numpy())
             var = samples.var(0, unbiased=False) if samples is not None else torch.zeros_like(point)
             if uncertainty == "total":
                 var = var + self.module.noise_std**2
-            std_parts.append(var.sqrt().numpy())
-            tok_parts.append(tokens.numpy())
-            if pre is not None:
-                pre_parts.append(pre.numpy())
-        pred = _fill_rows(np.concatenate(mean_parts), ~missing, np.nan)
-        unc = _fill_rows(np.concatenate(std_parts), ~missing, np.nan)
-        tokens = _fill_rows(np.concatenate(tok_parts), ~missing, -1)
-        if pre_parts:  # [n_scales, n_spots, n_genes]
-            pre_parts = [_fill_rows(np.concatenate(pre_parts, axis=1).swapaxes(0, 1), ~missing, np.nan).swapaxes(0, 1)]
+            out.put("pred", at, point.numpy(), np.nan)
+            out.put("unc", at, var.sqrt().numpy(), np.nan)
+            out.put("tokens", at, tokens.numpy(), -1)
+            if pre is not None:  # [n_scales, b, n_genes] stored spot-first
+                out.put("prefixes", at, pre.numpy().swapaxes(0, 1), np.nan)
+        pred, unc, tokens = out.arrays["pred"], out.arrays["unc"], out.arrays["tokens"]
+        pre_parts = [out.arrays["prefixes"].swapaxes(0, 1)] if "prefixes" in out.arrays else []
         pos = adata.var_names.get_indexer(self.gene_names_)
         if add_to_adata and indices is None:
             self._write_predictions(adata, pred, unc, tokens, pos)
@@ -898,13 +909,21 @@ class VARST:
         return self
 
 
-def _fill_rows(values: np.ndarray, keep: np.ndarray, fill) -> np.ndarray:
-    """Scatter ``values`` (rows where ``keep``) into an array with one row per ``keep`` entry, ``fill`` elsewhere."""
-    if keep.all():
-        return values
-    out = np.full((len(keep), *values.shape[1:]), fill, dtype=np.result_type(values.dtype, np.asarray(fill).dtype))
-    out[keep] = values
-    return out
+class _RowFiller:
+    """Output arrays with one row per requested spot, allocated on first write and filled batch by batch.
+
+    Rows never written keep ``fill`` (spots without histology; NaN for floats, -1 for tokens), so no per-batch list
+    has to be concatenated.
+    """
+
+    def __init__(self, n_rows: int):
+        self.n_rows = n_rows
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def put(self, name: str, at: np.ndarray, values: np.ndarray, fill) -> None:
+        if name not in self.arrays:
+            self.arrays[name] = np.full((self.n_rows, *values.shape[1:]), fill, dtype=values.dtype)
+        self.arrays[name][at] = values
 
 
 def _spots_per_batch(batch_size: int, n_samples: int) -> int:
