@@ -212,6 +212,22 @@ def test_all_nan_histology_row_trains_stage1_only(monkeypatch):
     assert np.isnan(a.layers[ADATA_KEYS.UNCERTAINTY][missing]).all()
 
 
+def test_indices_out_of_range_and_warning_location(trained):
+    """Spot positions past the end get our error (not numpy's), and our warnings point at the user's line."""
+    m, a = trained.model, trained.adata
+    for call in (m.predict_expression, m.get_tokens, m.reconstruct):
+        with pytest.raises(ValueError, match=f"out of range for an AnnData with {a.n_obs} spots"):
+            call(a, indices=[0, a.n_obs + 5])
+    with pytest.raises(TypeError, match="integer positions or a boolean mask"):
+        m.get_tokens(a, indices=[0.5, 1.0])
+    np.testing.assert_array_equal(m.get_tokens(a, indices=[-1]), m.get_tokens(a, indices=[a.n_obs - 1]))
+    q = a.copy()
+    q.obsm["X_histology"][0] = np.nan
+    with pytest.warns(UserWarning, match="1 spots have no histology") as rec:
+        m.predict_expression(q, n_samples=0, add_to_adata=False)
+    assert {w.filename for w in rec if "no histology" in str(w.message)} == {__file__}
+
+
 def test_coordinates_wrong_shape_or_nan():
     a = _small()
     a.obsm["spatial"] = np.zeros((a.n_obs, 3))
@@ -678,7 +694,7 @@ def test_training_runs_in_training_mode(data):
     assert not model.module.training  # and back in eval mode for prediction
 
 
-def test_average_last_epochs_keeps_the_mean_of_epoch_end_weights(data):
+def test_average_last_epochs_keeps_the_mean_of_epoch_end_weights(data, monkeypatch):
     """Stage 2 with ``average_last_epochs=2`` ends on the mean of the weights at the ends of its last two epochs;
     the frozen tokenizer is untouched and the option refuses to combine with ``restore_best``."""
     import lightning.pytorch as lpl
@@ -706,6 +722,21 @@ def test_average_last_epochs_keeps_the_mean_of_epoch_end_weights(data):
         assert torch.equal(v, tokenizer[k])
     with pytest.raises(ValueError, match="either restore_best"):
         model.train(stage=2, max_epochs=1, restore_best=True, average_last_epochs=2, **FAST)
+    # the default: stage 2 averages the last quarter of its epochs, stage 1 and restore_best=True average nothing
+    import varst_scverse.model._varst as varst_mod
+
+    made = []
+
+    class Recording(varst_mod.EpochWeightAverage):
+        def __init__(self, n_epochs: int) -> None:
+            made.append(n_epochs)
+            super().__init__(n_epochs)
+
+    monkeypatch.setattr(varst_mod, "EpochWeightAverage", Recording)
+    model.train(stage=2, max_epochs=8, **FAST)
+    model.train(stage=2, max_epochs=2, restore_best=True, **FAST)
+    model.train(stage=1, max_epochs=1, **FAST)
+    assert made == [2]
     with pytest.raises(ValueError, match="average_last_epochs must be"):
         model.train(stage=2, max_epochs=1, average_last_epochs=-1, **FAST)
 

@@ -521,6 +521,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             if stale.is_file():
                 stale.unlink()
     has_val = args.train_size < 1
+    # stage 1 goes back to its best validation epoch; stage 2 keeps the average of its last epochs (VARST.train)
+    restore_best = has_val and not args.debug and stage == 1  # a fast_dev_run writes no checkpoint
     recorder = _StepRecorder()
     logger = lpl.loggers.TensorBoardLogger(str(out_dir), name="tensorboard")
     trainer_kwargs: dict[str, Any] = {"fast_dev_run": True} if args.debug else {}
@@ -544,7 +546,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             callbacks=[recorder],
             ckpt_path=resume,
             save_checkpoints=True,
-            restore_best=has_val and not args.debug,  # a fast_dev_run writes no checkpoint
+            restore_best=restore_best,
             **dev,
             **trainer_kwargs,
         )
@@ -569,7 +571,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "global_step": recorder.global_step,
         "seconds": round(seconds, 2),
         "resumed_from": resume,
-        "restored_best": has_val and not args.debug,
+        "restored_best": restore_best,
         "final": _row(full_history, -1),
         "best": _row(full_history, int(full_history["validation_loss"].argmin()))
         if has_val and "validation_loss" in full_history and full_history["validation_loss"].notna().any()

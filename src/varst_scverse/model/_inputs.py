@@ -58,6 +58,8 @@ def cluster_gene_order(y: np.ndarray) -> np.ndarray:
     g = y.shape[1]
     if g < 3:
         return np.arange(g)
+    if y.shape[0] < 2:  # no correlation from a single spot: keep the given order
+        return np.arange(g)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(y, rowvar=False)
     corr = np.nan_to_num(corr, nan=0.0)

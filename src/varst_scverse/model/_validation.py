@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
+
 import numpy as np
 from anndata import AnnData
 from scipy import sparse
@@ -112,3 +116,16 @@ def check_coords(xy: np.ndarray, key: str) -> np.ndarray:
     if not np.all(np.isfinite(xy)):
         raise ValueError(f"adata.obsm[{key!r}] contains NaN or infinite coordinates.")
     return xy.astype(np.float64)
+
+
+def warn_user(message: str, category: type[Warning] = UserWarning) -> None:
+    """Warn with the location of the user's call: frames inside this package and torch's wrappers are skipped."""
+    import torch
+
+    skip = tuple(
+        os.path.realpath(p) for p in (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    )
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and os.path.realpath(frame.f_code.co_filename).startswith(skip):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
