@@ -56,9 +56,7 @@ def neighbour_mean(hist: np.ndarray, nb_idx: np.ndarray, rows: np.ndarray | slic
 def cluster_gene_order(y: np.ndarray) -> np.ndarray:
     """Order genes by average-linkage clustering of their correlation so that neighbours are co-expressed."""
     g = y.shape[1]
-    if g < 3:
-        return np.arange(g)
-    if y.shape[0] < 2:  # no correlation from a single spot: keep the given order
+    if g < 3 or y.shape[0] < 2:  # nothing to cluster, or no correlation from a single spot: keep the given order
         return np.arange(g)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = np.corrcoef(y, rowvar=False)

@@ -99,8 +99,9 @@ def check_histology(hist: np.ndarray, key: str, chunk_rows: int = 8192) -> np.nd
         if np.isinf(block).any():
             raise ValueError(f"adata.obsm[{key!r}] contains infinite values; fix or re-embed those spots.")
         nan = np.isnan(block)
-        row_all[start : start + len(block)] = nan.all(1)
-        n_partial += int((nan.any(1) & ~nan.all(1)).sum())
+        all_nan = nan.all(1)
+        row_all[start : start + len(block)] = all_nan
+        n_partial += int((nan.any(1) & ~all_nan).sum())
     if n_partial:
         raise ValueError(
             f"{n_partial} spots have partly-NaN histology in adata.obsm[{key!r}]. A spot without an image "

@@ -428,7 +428,6 @@ class VARST:
             raise ValueError(f"average_last_epochs must be >= 0, got {average_last_epochs}.")
         if average_last_epochs and restore_best:
             raise ValueError("Pass either restore_best=True or average_last_epochs > 0, not both.")
-        restore_best = bool(restore_best)
         if average_last_epochs is None:
             average_last_epochs = 0 if stage == 1 or restore_best else default_average_epochs(max_epochs)
         if restore_best and val_dl is None:
