@@ -50,7 +50,7 @@ def test_json_shape(quick_run):
     assert doc["command"].startswith("varst benchmark --quick")
     assert set(doc["splits"]) == {"cross_B4_top50_log1p", "cross_B4_top50_cp10k"}
     for block in doc["splits"].values():
-        for method in ("varst", "ridge", "ridge_cv", "mlp", "knn", "mean", "depth_oracle", "varst_ridge_avg"):
+        for method in ("varst", "ridge", "ridge_cv", "mlp", "knn", "mean", "depth_oracle", "varst_transformer"):
             assert method in block, method
         for method in ("ridge_rgb", "ridge_cv_rgb", "mlp_rgb", "knn_rgb"):
             assert method in block, method
@@ -95,3 +95,50 @@ def test_depth_oracle_and_ridge_on_same_genes(quick_run):
         assert block["_info"]["n_genes_per_fold"] == [50]
         assert block["ridge"]["n_genes_evaluated"] == block["depth_oracle"]["n_genes_evaluated"]
     assert np.isfinite(doc["wall_time_min"])
+
+
+def test_fold_filter_and_accelerator_reach_the_settings():
+    from varst_scverse.benchmark import BenchConfig
+
+    cfg = BenchConfig(tests=("C3", "B4"), accelerator="gpu")
+    assert [f.test for f in cfg.folds("within_C")] == ["C3"]
+    assert [f.test for f in cfg.folds("cross_B4")] == ["B4"]
+    assert BenchConfig(tests=("C3",)).folds("cross_B4") == []
+    assert len(BenchConfig().folds("within_C")) == 5
+    assert cfg.settings().accelerator == "gpu"
+
+
+def test_gene_sets_are_cached_beside_the_embedded_data(quick_run):
+    from varst_scverse._benchmark import _data as D
+
+    _, _, cache = quick_run
+    stored = json.loads((cache / D.GENESETS_FILE).read_text())
+    (fold,) = D.folds("cross_B4", quick=True)
+    # read back without the data: a copy of the cache on another machine needs no gene ranking there
+    sets = D.gene_sets(None, fold, quick=True, cache_dir=cache)
+    assert len(sets["top50"]) == 50 and sets["top50"] == next(iter(stored.values()))["top50"]
+
+
+def test_report_only_merges_ablations_of_other_runs(quick_run, tmp_path):
+    import shutil
+
+    from varst_scverse.benchmark import report_only
+
+    out, doc, cache = quick_run
+    assert doc["ablations"] == {}
+    units = json.loads((cache / "partial_quick.json").read_text())["units"]
+    m = units["cross_B4_top50_log1p|B4"]["methods"]
+    other = tmp_path / "other.json"
+    unit = {"default": m["varst_transformer"], "decode_greedy": m["ridge"]}
+    other.write_text(json.dumps({"units": {"cross_B4_top50_log1p|B4|ablation|0": unit, "x|B4": {}}}))
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    merged = report_only(out2, cache, notes=["ablations: elsewhere"], merge_ablations=[other])
+    block = merged["ablations"]["cross_B4_top50_log1p"]
+    assert block["decode_greedy"]["mean_pearson"] == pytest.approx(m["ridge"]["mean_pearson"])
+    assert block["decode_greedy"]["delta_vs_default"] == pytest.approx(
+        m["ridge"]["mean_pearson"] - m["varst_transformer"]["mean_pearson"]
+    )
+    assert "ablations: elsewhere" in (out2 / "her2st.md").read_text()
+    # the run's own store is not changed by the merge
+    assert json.loads((cache / "partial_quick.json").read_text())["units"] == units

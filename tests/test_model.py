@@ -792,3 +792,63 @@ def test_noise_calibration_is_capped(data, monkeypatch):
     noise = model.module.noise_std
     assert torch.isfinite(noise).all() and (noise >= 0).all()
     assert (noise > 0).float().mean() > 0.5  # calibrated (a gene whose draws already cover its residuals gets 0)
+
+
+# --- the ridge probe blended into predictions (var_config["ridge_blend"]) ---
+def test_ridge_probe_is_fitted_after_stage2_and_blended(trained, query):
+    m, a = trained.model, trained.adata
+    info = m.get_model_info()["ridge_probe"]
+    assert info["fitted"] and info["alpha"] > 0 and info["blend"] == 0.5  # the cpu preset's default
+    kw = {"n_samples": 0, "add_to_adata": False}
+    default = m.predict_expression(query, **kw)
+    alone = m.predict_expression(query, ridge_blend=0.0, **kw)
+    probe = m.predict_expression(query, ridge_blend=1.0, **kw)
+    np.testing.assert_allclose(default, 0.5 * alone + 0.5 * probe, rtol=1e-5, atol=1e-5)
+    assert np.abs(alone - probe).max() > 1e-3  # two different predictors
+    # the probe is ridge with a leave-one-section-out alpha on every training spot with histology
+    X = np.asarray(a.obsm["X_histology"], dtype=np.float64)
+    ridge = varst.tl.RidgeCV().fit(X, m._target(a), groups=a.obs["section"].to_numpy())
+    assert info["alpha"] == pytest.approx(ridge.alpha_)
+    ref = ridge.predict(np.asarray(query.obsm["X_histology"], dtype=np.float64))
+    np.testing.assert_allclose(probe, ref, rtol=1e-4, atol=1e-4)
+    # the draws carry the blend too: their mean is near the blended point prediction
+    draws = m.predict_samples(query, n_samples=16, add_noise=False)
+    assert np.abs(draws.mean(0) - default).mean() < np.abs(draws.mean(0) - alone).mean()
+    with pytest.raises(ValueError, match="ridge_blend must lie in"):
+        m.predict_expression(query, ridge_blend=1.5, **kw)
+
+
+def test_ridge_blend_off_and_bad_values():
+    a = _small(seed=3)
+    VARST.setup_anndata(a, **SETUP)
+    with pytest.raises(ValueError, match="ridge_blend"):
+        VARST(a, preset="cpu", vqvae_config=VQ, var_config={**VAR, "ridge_blend": -0.1})
+    m = VARST(a, preset="cpu", vqvae_config=VQ, var_config={**VAR, "ridge_blend": 0.0}, seed=0)
+    m.train(stage=1, max_epochs=2, **FAST)
+    m.train(stage=2, max_epochs=2, **FAST)
+    assert not m.module.has_probe and m.get_model_info()["ridge_probe"]["fitted"] is False
+    kw = {"n_samples": 0, "add_to_adata": False}
+    np.testing.assert_array_equal(m.predict_expression(a, **kw), m.predict_expression(a, ridge_blend=1.0, **kw))
+    # the seed preset keeps the seed model: no probe unless asked for
+    from varst_scverse.module import resolve_configs
+
+    assert resolve_configs("seed", None, None)[1]["ridge_blend"] == 0.0
+
+
+def test_checkpoint_without_probe_buffers_loads_as_transformer_alone(trained, query, tmp_path):
+    from varst_scverse.module import TwoStageVARST, load_checkpoint, save_checkpoint
+
+    m = trained.model
+    m.save(tmp_path / "m")
+    tensors, meta = load_checkpoint(tmp_path / "m" / "model.safetensors")
+    old = {k: v for k, v in tensors.items() if not k.startswith("probe_")}
+    meta = {k: v for k, v in meta.items() if k not in ("format", "version", "sha256")}
+    meta["var_config"] = {k: v for k, v in meta["var_config"].items() if k != "ridge_blend"}
+    save_checkpoint(tmp_path / "old.safetensors", old, meta)  # as written before the probe existed
+    module = TwoStageVARST.load_complete_model(tmp_path / "old.safetensors").eval()
+    assert not module.has_probe and module.var_config["ridge_blend"] == 0.0
+    sp = m._spatial_inputs(query)
+    b = m._batch_tensors(sp, np.arange(query.n_obs))
+    with torch.inference_mode():
+        got = module.generate(b["histology"], b["coords"], b.get("neighbours"))["expression"][0].numpy()
+    np.testing.assert_allclose(got, m.predict_expression(query, n_samples=0, ridge_blend=0.0, add_to_adata=False))

@@ -382,3 +382,23 @@ def test_baseline_predict_errors():
     t.obsm[ADATA_KEYS.HISTOLOGY][:] = np.nan
     with pytest.raises(ValueError, match="No training spot"):
         baseline_predict("ridge", t, query)
+
+
+def test_ridge_cv_linear_map_and_out_of_fold_predictions():
+    X, Y, g = _latent_data(2.0, p=30, n=200, g=5)
+    cv = RidgeCV().fit(X, Y, groups=g)
+    weight, bias = cv.linear_map()
+    assert weight.shape == (30, Y.shape[1]) and bias.shape == (Y.shape[1],)
+    np.testing.assert_allclose(X[:25] @ weight + bias, cv.predict(X[:25]), atol=1e-8)
+    oof = cv.out_of_fold_predict(X, Y, groups=g)
+    assert oof.shape == Y.shape
+    for section in np.unique(g):
+        held = g == section
+        ref = make_pipeline(StandardScaler(), Ridge(alpha=cv.alpha_)).fit(X[~held], Y[~held])
+        np.testing.assert_allclose(oof[held], ref.predict(X[held]), atol=1e-8)
+    # out of fold is worse than in sample on the same spots: the fitted model has seen them
+    assert np.mean((oof - Y) ** 2) > np.mean((cv.predict(X) - Y) ** 2)
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RidgeCV().linear_map()
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RidgeCV().out_of_fold_predict(X, Y)

@@ -9,7 +9,8 @@ The protocol of DESIGN.md "How quality is measured":
 * methods: ``varst`` (cpu preset, expected-value decoding; the stage-1 tokenizer learns from every section with
   expression except the test section and the test patient's other sections), the baselines ``ridge`` (HEST probe),
   ``ridge_cv``, ``mlp``, ``knn``, ``mean`` on the built-in morphology descriptor, the same four with the 6-d RGB
-  control (``*_rgb``), ``varst_ridge_avg`` (mean of VARST and ``ridge_cv``) and the ``depth_oracle`` yardstick;
+  control (``*_rgb``), ``varst_transformer`` (VARST's transformer without its ridge probe, ``ridge_blend=0``) and
+  the ``depth_oracle`` yardstick;
 * metrics from :func:`varst_scverse.tl.evaluate`; for ``within_C`` the mean over folds and the fold spread (std).
 
 Writes ``her2st.json``, ``her2st.md`` and ``speed.md`` to ``--out`` (default ``benchmarks/results``). The embedded
@@ -87,6 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=16, help="draws per spot for the 90%% interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--tests", type=_csv, default=(), help="run only the folds with these test sections (e.g. B4,C3; default: all)"
+    )
+    p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the VARST fits (cpu, gpu, auto)")
+    p.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -119,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="rewrite the report files in --out from the stored results of the last run (adds --note lines)",
     )
     p.add_argument("--replace_notes", action="store_true", help="with --report_only: --note lines replace the old")
+    p.add_argument(
+        "--merge_ablations",
+        action="append",
+        default=[],
+        help="with --report_only: add the ablation results stored by another run (its partial_full.json, or the "
+        "cache folder holding it; e.g. runs of single folds on another machine); repeatable",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--resume", action="store_true", help="reuse per-fold results of an interrupted identical run")
     p.add_argument(
@@ -132,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.report_only:
-        report_only(args.out, args.cache_dir, args.note, replace_notes=args.replace_notes)
+        report_only(
+            args.out, args.cache_dir, args.note, replace_notes=args.replace_notes, merge_ablations=args.merge_ablations
+        )
         return 0
     cfg = BenchConfig(
         splits=args.splits,
@@ -147,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         stage2_epochs=args.stage2_epochs,
         n_samples=args.n_samples,
         ablations=args.ablations,
+        tests=args.tests,
+        accelerator=args.accelerator,
         ablation_splits=args.ablation_splits,
         ablation_seeds=args.ablation_seeds,
         variants=args.variants,
@@ -180,12 +196,17 @@ def _quick(cfg: BenchConfig) -> None:
 
 
 def report_only(
-    out: str | Path, cache_dir: str | Path | None = None, notes: list[str] | None = None, replace_notes: bool = False
+    out: str | Path,
+    cache_dir: str | Path | None = None,
+    notes: list[str] | None = None,
+    replace_notes: bool = False,
+    merge_ablations: list[str | Path] | None = None,
 ) -> dict:
     """Rewrite the three files from the stored per-fold results and the run facts of ``out/her2st.json``.
 
     For a run whose report writer changed afterwards, or to add notes: the command, date, wall time and machine stay
-    those of the run.
+    those of the run. ``merge_ablations``: stored results of other runs (``partial_full.json`` files or the cache
+    folders holding them) whose ablation units are added where this run has none; say in a note where they ran.
     """
     import json
 
@@ -196,7 +217,14 @@ def report_only(
     cfg = meta["config"]
     cache = Path(cache_dir) if cache_dir else (Path(cfg["cache_dir"]) if cfg.get("cache_dir") else None)
     cache = cache or _data.default_cache_dir()
-    store = json.loads((cache / f"partial_{'quick' if cfg['quick'] else 'full'}.json").read_text())
+    name = f"partial_{'quick' if cfg['quick'] else 'full'}.json"
+    store = json.loads((cache / name).read_text())
+    for other in merge_ablations or []:
+        other = Path(other)
+        units = json.loads((other / name if other.is_dir() else other).read_text())["units"]
+        for key, unit in units.items():
+            if "|ablation|" in key:
+                store["units"].setdefault(key, unit)
     raw = {
         "config": cfg,
         "units": store["units"],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import warnings
@@ -26,6 +27,7 @@ TARGETS: tuple[str, ...] = ("log1p", "cp10k")
 GENESETS: tuple[str, ...] = ("top50", "top250", "detected10")
 CACHE_ENV = "VARST_BENCHMARK_CACHE"
 _CACHE_VERSION = 1
+GENESETS_FILE = "genesets_v1.json"
 
 
 @dataclass(frozen=True)
@@ -125,8 +127,27 @@ def section_mask(adata: AnnData, sections) -> np.ndarray:
     return adata.obs[ADATA_KEYS.SECTION].astype(str).isin(list(sections)).to_numpy()
 
 
-def gene_sets(adata: AnnData, fold: Fold, quick: bool = False) -> dict[str, list[str]]:
-    """Top-50 / top-250 highly variable genes and every gene detected in ≥ 10% of the fold's training spots."""
+def gene_sets(adata: AnnData, fold: Fold, quick: bool = False, cache_dir=None) -> dict[str, list[str]]:
+    """Top-50 / top-250 highly variable genes and every gene detected in ≥ 10% of the fold's training spots.
+
+    With ``cache_dir``, the sets are kept in ``genesets_v1.json`` there: later runs (and copies of the cache on other
+    machines, whose embedded AnnData may hold only the genes these sets need) reuse them instead of ranking again.
+    """
+    path = Path(cache_dir) / GENESETS_FILE if cache_dir is not None else None
+    key = f"{fold.split}|{fold.test}|{','.join(fold.train)}|{'quick' if quick else 'full'}"
+    stored = json.loads(path.read_text()) if path is not None and path.is_file() else {}
+    if key not in stored:
+        stored[key] = _rank_gene_sets(adata, fold)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(stored))
+            tmp.replace(path)
+    out = stored[key]
+    return {"top50": out["top50"]} if quick else dict(out)
+
+
+def _rank_gene_sets(adata: AnnData, fold: Fold) -> dict[str, list[str]]:
     import varst_scverse as varst
 
     train = adata[section_mask(adata, fold.train)]
@@ -138,10 +159,7 @@ def gene_sets(adata: AnnData, fold: Fold, quick: bool = False) -> dict[str, list
     top = varst.pp.select_genes(view, n_top=250, min_frac=0.1)
     rank = view.var[ADATA_KEYS.HVG_RANK]
     detected = list(rank[rank.notna()].sort_values(kind="stable").index.astype(str))
-    out = {"top50": top[:50], "top250": top, "detected10": detected}
-    if quick:
-        out = {"top50": out["top50"]}
-    return out
+    return {"top50": top[:50], "top250": top, "detected10": detected}
 
 
 def truth(adata: AnnData, fold: Fold, genes: list[str], target: str) -> np.ndarray:

@@ -35,6 +35,7 @@ class VARSTSettings:
     preset: str = "cpu"
     var_config: dict[str, Any] = field(default_factory=dict)
     vqvae_config: dict[str, Any] = field(default_factory=dict)
+    accelerator: str = "cpu"
 
 
 #: torch threads for model work; re-applied before each fit because scanpy's gene selection (through the OpenMP
@@ -134,7 +135,12 @@ def fit_varst(
         t0 = time.perf_counter()
         extra = {"max_steps": settings.stage1_max_steps} if settings.stage1_max_steps else {}
         hist = model.train(
-            stage=1, max_epochs=settings.stage1_epochs, lr=settings.stage1_lr, enable_progress_bar=False, **extra
+            stage=1,
+            max_epochs=settings.stage1_epochs,
+            lr=settings.stage1_lr,
+            enable_progress_bar=False,
+            accelerator=settings.accelerator,
+            **extra,
         )
         secs["stage1"] = time.perf_counter() - t0
         secs["stage1_spots"] = float(train.n_obs)
@@ -142,7 +148,13 @@ def fit_varst(
     else:
         _copy_stage1(stage1_from, model)
     t0 = time.perf_counter()
-    model.train(stage=2, max_epochs=settings.stage2_epochs, lr=settings.stage2_lr, enable_progress_bar=False)
+    model.train(
+        stage=2,
+        max_epochs=settings.stage2_epochs,
+        lr=settings.stage2_lr,
+        enable_progress_bar=False,
+        accelerator=settings.accelerator,
+    )
     secs["stage2"] = time.perf_counter() - t0
     secs["stage2_spots"] = float(np.isfinite(np.asarray(train.obsm[HIST_KEY])[:, 0]).sum())
     return model, secs

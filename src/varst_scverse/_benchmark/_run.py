@@ -39,6 +39,8 @@ INFERENCE_VARIANTS: tuple[str, ...] = (
     "prefix_2_scales",
     "tokenizer_ceiling_generated",
     "tokenizer_ceiling_all",
+    "ridge_blend_0",
+    "ridge_blend_1",
 )
 TRAINING_VARIANTS: tuple[str, ...] = (
     "neighbour_k_0",
@@ -87,6 +89,8 @@ class BenchConfig:
     resume: bool = False
     time_budget_min: float | None = None
     variants: tuple[str, ...] = INFERENCE_VARIANTS + TRAINING_VARIANTS
+    tests: tuple[str, ...] = ()  # run only the folds whose test section is listed (empty: every fold)
+    accelerator: str = "cpu"  # Lightning accelerator of the VARST fits ("gpu" on a GPU machine)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def settings(self) -> M.VARSTSettings:
@@ -95,7 +99,12 @@ class BenchConfig:
             stage1_max_steps=self.stage1_max_steps,
             stage2_epochs=self.stage2_epochs,
             n_samples=self.n_samples,
+            accelerator=self.accelerator,
         )
+
+    def folds(self, split: str) -> list[D.Fold]:
+        """The folds of ``split`` this run covers (all, or those whose test section is in ``tests``)."""
+        return [f for f in D.folds(split, quick=self.quick) if not self.tests or f.test in self.tests]
 
 
 def summary(ev: dict) -> dict[str, float]:
@@ -148,6 +157,7 @@ def _fingerprint(cfg: BenchConfig) -> dict:
         "variants",
         "ablation_splits",
         "ablation_seeds",
+        "tests",
     ):
         d.pop(k, None)
     return json.loads(json.dumps(d))
@@ -206,8 +216,8 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
     # 1. baselines (cheap) for every fold, gene set and target
     jobs: dict[tuple, dict[str, Any]] = {}
     for split in cfg.splits:
-        for fold in D.folds(split, quick=cfg.quick):
-            gsets = D.gene_sets(adata, fold, quick=cfg.quick)
+        for fold in cfg.folds(split):
+            gsets = D.gene_sets(adata, fold, quick=cfg.quick, cache_dir=cache)
             query = D.query_without_counts(adata, fold.test)
             for gname, genes in gsets.items():
                 if gname not in cfg.genesets or (gname == "detected10" and split not in cfg.detected10_splits):
@@ -320,18 +330,19 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
 
 
 def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfig) -> dict[str, Any]:
-    """The unit entries of a fitted default VARST: its scores, the VARST + ridge average, seconds, spots."""
+    """The unit entries of a fitted default VARST: its scores, its transformer alone, seconds, spots."""
     p, truth, genes = fit["pred"], job["truth"], job["genes"]
     row = _score(truth, p["pred"], p.get("samples"), genes)
     row["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in p["prefixes"]]
-    fold, target = job["fold"], job["target"]
-    ridge = M.run_baselines(adata, fold, genes, target, seed=cfg.seed, only=("ridge_cv",))["ridge_cv"]
-    avg = _score(truth, (p["pred"] + ridge) / 2, None, genes)
-    return {
-        "methods": {"varst": row, "varst_ridge_avg": avg},
-        "varst_seconds": fit["secs"],
-        "tokenizer_spots": int(fit["train"].n_obs),
-    }
+    methods = {"varst": row}
+    if fit["model"].module.has_probe:
+        # the model's default blends a ridge probe in (var_config["ridge_blend"]); the transformer on its own:
+        alone, pre = fit["model"].predict_expression(
+            job["query"], n_samples=0, return_prefixes=True, add_to_adata=False, ridge_blend=0.0
+        )
+        methods["varst_transformer"] = _score(truth, alone, None, genes)
+        methods["varst_transformer"]["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in pre]
+    return {"methods": methods, "varst_seconds": fit["secs"], "tokenizer_spots": int(fit["train"].n_obs)}
 
 
 def _add_varst(unit: dict[str, Any], rows: dict[str, Any]) -> None:
@@ -435,6 +446,10 @@ def _ablation_unit(
             n = int(v.rsplit("n", 1)[1])
             samples = model.predict_samples(query, n_samples=n)
             out[v] = _score(truth, samples.mean(0), samples)
+        elif v.startswith("ridge_blend_"):
+            # 0: the transformer alone; 1: the ridge probe alone (the model's own, fitted on its training spots)
+            w = float(v.rsplit("_", 1)[1])
+            out[v] = _score(truth, model.predict_expression(query, n_samples=0, ridge_blend=w, **pred_kw))
         elif v == "cfg_2":
             out[v] = _score(truth, model.predict_expression(query, n_samples=0, cfg=2.0, **pred_kw))
         elif v.startswith("prefix_"):
@@ -501,7 +516,7 @@ def _second_seed(cfg, store, adata, settings, tokenizer_mode, log, budget: Budge
             if not close:
                 continue
             log(f"[{name}] second seed for {len(close)} variants within {cfg.seed_threshold} of the default: {close}")
-            for fold in D.folds(split, quick=cfg.quick):
+            for fold in cfg.folds(split):
                 key = f"{name}|{fold.test}|ablation|1"
                 if store.has(key) or not budget.ok(f"second seed {key}"):
                     continue

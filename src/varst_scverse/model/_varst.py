@@ -490,23 +490,69 @@ class VARST:
             self.module.stage1_trained = True
         else:
             self.module.stage2_trained = True
-            self._calibrate_noise(arrays, val_rows if len(val_rows) else train_rows, seed)
+            probe_oof = self._fit_probe(arrays, np.sort(rows))
+            self._calibrate_noise(arrays, val_rows if len(val_rows) else train_rows, seed, probe_oof)
         self.is_trained_[stage] = True
         df = pd.DataFrame(history.rows)
         key = f"stage{stage}"
         self.history_[key] = pd.concat([self.history_[key], df], ignore_index=True) if key in self.history_ else df
         return df
 
+    def _fit_probe(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray | None:
+        """Fit the linear probe of ``var_config["ridge_blend"]`` on the spots ``rows``; return out-of-fold predictions.
+
+        Ridge on the histology features with alpha chosen by leave-one-section-out CV (``batch_key``; shuffled 5-fold
+        without it), as :class:`~varst_scverse.tl.RidgeCV`, on every spot stage 2 learned from. The out-of-fold
+        predictions (``[n_obs, n_genes]``, NaN outside ``rows``) show what the probe gets wrong on unseen sections,
+        for the noise calibration. None when the blend is off or there are too few spots to cross-validate.
+        """
+        from ..tl._ridge import RidgeCV
+
+        mod = self.module
+        mod.probe_alpha.zero_()
+        if mod.var_config["ridge_blend"] <= 0:
+            return None
+        if len(rows) < 2:
+            warn_user(
+                f"The ridge probe of var_config['ridge_blend'] needs at least 2 training spots with histology, got "
+                f"{len(rows)}; the model predicts with the transformer alone."
+            )
+            return None
+        batch_key = self.setup_args_["batch_key"]
+        groups = None
+        if batch_key is not None and batch_key in self.adata.obs:
+            groups = pd.Categorical(self.adata.obs[batch_key]).codes[rows]
+        X, Y = arrays["histology"][rows], arrays["expression"][rows]
+        ridge = RidgeCV().fit(X, Y, groups=groups)
+        weight, bias = ridge.linear_map()
+        mod.set_probe(
+            torch.as_tensor(weight, dtype=torch.float32), torch.as_tensor(bias, dtype=torch.float32), ridge.alpha_
+        )
+        _logger.info("ridge probe: alpha %g chosen by %s CV on %d spots", ridge.alpha_, ridge.cv_strategy_, len(rows))
+        oof = np.full((self.adata.n_obs, Y.shape[1]), np.nan, dtype=np.float32)
+        oof[rows] = ridge.out_of_fold_predict(X, Y, groups=groups)
+        return oof
+
     @torch.inference_mode()
-    def _calibrate_noise(self, arrays: dict[str, np.ndarray], rows: np.ndarray, seed: int, n_samples: int = 8) -> None:
+    def _calibrate_noise(
+        self,
+        arrays: dict[str, np.ndarray],
+        rows: np.ndarray,
+        seed: int,
+        probe_oof: np.ndarray | None = None,
+        n_samples: int = 8,
+    ) -> None:
         """Per-gene observation noise: residual variance of the point prediction beyond the spread of the draws.
 
         Measured on the validation spots (the training spots when there are none), at most
         ``_CALIBRATION_MAX_SPOTS`` of them drawn at random (the estimate needs a few thousand spots, not a whole
-        atlas: each spot costs ``n_samples + 1`` generations), and stored in the module.
+        atlas: each spot costs ``n_samples + 1`` generations), and stored in the module. With the ridge blend, the
+        probe's share of point and draws is its out-of-fold prediction ``probe_oof``, since the fitted probe has
+        seen these spots.
         """
         mod = self.module
         mod.noise_std.zero_()
+        w = mod.var_config["ridge_blend"] if probe_oof is not None else 0.0
         if len(rows) > _CALIBRATION_MAX_SPOTS:
             rows = np.sort(np.random.default_rng(seed).choice(rows, _CALIBRATION_MAX_SPOTS, replace=False))
         gen = torch.Generator().manual_seed(seed)
@@ -514,8 +560,12 @@ class VARST:
         for chunk in _chunks(rows, _spots_per_batch(512, n_samples)):
             args = [torch.as_tensor(arrays["histology"][chunk]), torch.as_tensor(arrays["coords"][chunk])]
             args.append(torch.as_tensor(arrays["neighbours"][chunk]) if "neighbours" in arrays else None)
-            point = mod.generate(*args, decode="expected")["expression"][0]
-            draws = mod.generate(*args, decode="sample", n_samples=n_samples, generator=gen)["expression"]
+            point = mod.generate(*args, decode="expected", ridge_blend=0)["expression"][0]
+            draws = mod.generate(*args, decode="sample", n_samples=n_samples, generator=gen, ridge_blend=0)
+            draws = draws["expression"]
+            if w > 0:
+                lin = torch.as_tensor(probe_oof[chunk])
+                point, draws = (1 - w) * point + w * lin, (1 - w) * draws + w * lin
             y = torch.as_tensor(arrays["expression"][chunk])
             resid2.append(((y - point) ** 2).sum(0))
             spread.append(draws.var(0, unbiased=False).sum(0))
@@ -623,6 +673,7 @@ class VARST:
         return_prefixes: bool = False,
         use_cache: bool = True,
         uncertainty: Literal["total", "model"] = "total",
+        ridge_blend: float | None = None,
     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """Predict expression from histology and coordinates alone.
 
@@ -662,6 +713,10 @@ class VARST:
             ``"total"``: sd of the decoded draws combined with the per-gene observation noise calibrated after
             stage 2 (a predictive sd for observed expression; without sampling, the noise alone); ``"model"``: sd
             of the decoded draws alone (how much the generated tokens disagree).
+        ridge_blend
+            Weight of the linear probe in the prediction, ``(1 - w) * transformer + w * probe``; None = the model's
+            ``var_config["ridge_blend"]`` (0.5 in the cpu preset), 0 = the transformer alone. The calibrated noise
+            of ``uncertainty="total"`` belongs to the model's own weight.
 
         Returns
         -------
@@ -693,7 +748,16 @@ class VARST:
         gen = torch.Generator().manual_seed(seed)
         self.module.eval()
         out = _RowFiller(len(rows))
-        sample_kw = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg, "use_cache": use_cache}
+        if ridge_blend is not None and not 0.0 <= ridge_blend <= 1.0:
+            raise ValueError(f"ridge_blend must lie in [0, 1] (0 = the transformer alone), got {ridge_blend}.")
+        sample_kw = {
+            "temperature": temperature,
+            "top_k": top_k,
+            "top_p": top_p,
+            "cfg": cfg,
+            "use_cache": use_cache,
+            "ridge_blend": ridge_blend,
+        }
         for at in _chunks(keep, _spots_per_batch(batch_size, n_samples)):
             b = self._batch_tensors(sp, rows[at])
             args = (b["histology"], b["coords"], b.get("neighbours"))
@@ -805,6 +869,11 @@ class VARST:
                 "n_genes": len(self.gene_names_),
                 "setup_args": dict(self.setup_args_),
                 "epochs_trained": {k: len(v) for k, v in self.history_.items()},
+                "ridge_probe": {
+                    "blend": float(self.module.var_config["ridge_blend"]),
+                    "fitted": self.module.has_probe,
+                    "alpha": float(self.module.probe_alpha[0]),
+                },
             }
         )
         return info
@@ -898,7 +967,7 @@ class VARST:
         self.history_ = {k: pd.DataFrame(v) for k, v in meta["history"].items()}
         module = TwoStageVARST.from_checkpoint_meta(ck_meta)
         try:
-            module.load_state_dict(tensors)
+            module.load_state_dict(module.fill_missing_state(tensors))
         except RuntimeError as err:
             raise ValueError(f"{dir_path}: weights do not match the saved architecture: {err}") from err
         module.stage1_trained = bool(ck_meta["stage1_trained"])

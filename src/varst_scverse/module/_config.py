@@ -46,6 +46,9 @@ _VAR_BASE: dict[str, Any] = {
     "coordinate_dropout": 0.0,  # probability of hiding the coordinates of a training spot; 1 = never use them
     "neighbour_k": 0,  # mean histology of the k nearest spots as extra condition; 0 = off
     "label_smoothing": 0.0,
+    # weight of a linear probe on the histology (ridge, alpha by leave-one-section-out CV, fitted after stage 2) in
+    # every decoded prediction: (1 - w) * transformer + w * probe; 0 = the transformer alone
+    "ridge_blend": 0.0,
 }
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -71,6 +74,9 @@ PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
             "aux_decode_weight": 1.0,
             "aux_decode_mode": "free",  # HER2ST held-out C3 0.393 vs 0.385 ("teacher"); the path inference takes
             "neighbour_k": 6,
+            # HER2ST top-250 genes, mean over C2-C6 / B4 (log1p): transformer 0.338 / 0.430, blend 0.376 / 0.421,
+            # CV ridge 0.364 / 0.388 (session-3 benchmark, its "varst_ridge_avg" row)
+            "ridge_blend": 0.5,
         },
     ),
 }
@@ -176,6 +182,10 @@ def _validate_var(var: Mapping[str, Any]) -> None:
     g = var["generate_scales"]
     if g is not None and (isinstance(g, bool) or not isinstance(g, int) or g < 1):
         raise ValueError(f"var_config['generate_scales'] must be None (all) or a positive integer, got {g!r}.")
+    if not 0.0 <= var["ridge_blend"] <= 1.0:
+        raise ValueError(
+            f"var_config['ridge_blend'] must lie in [0, 1] (0 = the transformer alone), got {var['ridge_blend']}."
+        )
     if var["neighbour_k"] < 0:
         raise ValueError(f"var_config['neighbour_k'] must be >= 0 (0 switches it off), got {var['neighbour_k']}.")
 

@@ -67,6 +67,11 @@ class TwoStageVARST(nn.Module):
         # per-gene sd of what the decoded tokens cannot explain (observation noise), caller's gene order; set by
         # calibration after stage 2 and added to sampled draws so that predictive intervals cover observations
         self.register_buffer("noise_std", torch.zeros(self.num_genes))
+        # the linear probe blended into decoded predictions (var_config["ridge_blend"]): expression = histology @
+        # probe_weight + probe_bias in the caller's gene order; fitted after stage 2 (probe_alpha > 0 once fitted)
+        self.register_buffer("probe_weight", torch.zeros(int(histology_dim), self.num_genes))
+        self.register_buffer("probe_bias", torch.zeros(self.num_genes))
+        self.register_buffer("probe_alpha", torch.zeros(1))
         self.vqvae = MultiScaleGeneVQVAE(self.num_genes, self.scales, self.vqvae_config)
         v = self.var_config
         self.condition = ConditionEncoder(
@@ -283,6 +288,7 @@ class TwoStageVARST(nn.Module):
         use_cache: bool = True,
         return_prefixes: bool = False,
         add_noise: bool = False,
+        ridge_blend: float | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate tokens scale by scale and decode them with the frozen stage-1 decoder.
 
@@ -308,6 +314,10 @@ class TwoStageVARST(nn.Module):
         add_noise
             Add the calibrated per-gene observation noise (``noise_std``) to each decoded draw, so that the spread
             of the draws is a predictive distribution for observed expression, not only for the mean.
+        ridge_blend
+            Weight of the fitted linear probe in every decoded output (draws, prefixes): ``(1 - w) * decoded + w *
+            probe``; None = ``var_config["ridge_blend"]``, 0 = the transformer alone. Ignored while no probe is
+            fitted (:meth:`set_probe`).
 
         Returns
         -------
@@ -356,6 +366,11 @@ class TwoStageVARST(nn.Module):
             if return_prefixes:
                 prefixes.append(self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1))
         expr = self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1)
+        w = self.var_config["ridge_blend"] if ridge_blend is None else float(ridge_blend)
+        if w > 0 and self.has_probe:
+            lin = self.probe(histology).to(expr.dtype)
+            expr = (1 - w) * expr + w * lin
+            prefixes = [(1 - w) * p + w * lin for p in prefixes]
         if add_noise and bool((self.noise_std > 0).any()):
             noise = torch.randn(expr.shape, generator=generator, dtype=expr.dtype, device=expr.device)
             expr = expr + noise * self.noise_std
@@ -363,6 +378,35 @@ class TwoStageVARST(nn.Module):
         if return_prefixes:
             out["prefix_expression"] = torch.stack(prefixes)
         return out
+
+    # ------------------------------------------------------------------ linear probe
+    @property
+    def has_probe(self) -> bool:
+        """Whether the linear probe of ``var_config["ridge_blend"]`` is fitted."""
+        return bool(self.probe_alpha[0] > 0)
+
+    def probe(self, histology: torch.Tensor) -> torch.Tensor:
+        """The linear probe's prediction ``[B, G]`` (caller's gene order) from raw histology features ``[B, H]``."""
+        return histology.to(self.probe_weight.dtype) @ self.probe_weight + self.probe_bias
+
+    @torch.no_grad()
+    def set_probe(self, weight: torch.Tensor, bias: torch.Tensor, alpha: float) -> None:
+        """Store a fitted linear probe: ``weight [H, G]``, ``bias [G]`` (caller's gene order) and its penalty."""
+        if tuple(weight.shape) != tuple(self.probe_weight.shape) or tuple(bias.shape) != tuple(self.probe_bias.shape):
+            raise ValueError(
+                f"probe weight {tuple(weight.shape)} / bias {tuple(bias.shape)} must be "
+                f"{tuple(self.probe_weight.shape)} / {tuple(self.probe_bias.shape)} (histology dim x genes)."
+            )
+        if not alpha > 0:
+            raise ValueError(f"the probe's alpha must be positive, got {alpha}.")
+        self.probe_weight.copy_(weight)
+        self.probe_bias.copy_(bias)
+        self.probe_alpha.fill_(float(alpha))
+
+    def fill_missing_state(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` plus this module's own values for the buffers that checkpoints of earlier versions lack."""
+        own = self.state_dict()
+        return {**{k: own[k] for k in _LATER_BUFFERS if k not in tensors}, **tensors}
 
     @torch.no_grad()
     def inference(
@@ -472,7 +516,7 @@ class TwoStageVARST(nn.Module):
             model.load_stage1(path)
         else:
             try:
-                model.load_state_dict(tensors)
+                model.load_state_dict(model.fill_missing_state(tensors))
             except RuntimeError as err:
                 raise ValueError(f"{path}: the weights do not match the architecture in its metadata: {err}") from err
             model.stage1_trained = bool(meta["stage1_trained"])
@@ -480,6 +524,10 @@ class TwoStageVARST(nn.Module):
             if meta["current_stage"] == 2:
                 model.set_training_stage(2, _allow_untrained=True)
         return model.to(device)
+
+
+#: buffers added after the first checkpoint format; older files lack them (no probe: the transformer alone)
+_LATER_BUFFERS: tuple[str, ...] = ("probe_weight", "probe_bias", "probe_alpha")
 
 
 def _with_extra(meta: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:

@@ -310,3 +310,36 @@ class RidgeCV(BaseBaseline):
 
     def _predict(self, X):
         return (self.scaler_.transform(X) - self.z_mean_) @ self.coef_ + self.intercept_
+
+    def linear_map(self) -> tuple[np.ndarray, np.ndarray]:
+        """The fitted model as one affine map on raw features: ``predict(X) == X @ weight + bias``.
+
+        Returns
+        -------
+        ``weight [n_features, n_genes]`` and ``bias [n_genes]``.
+        """
+        if not hasattr(self, "coef_"):
+            raise RuntimeError("RidgeCV is not fitted; call fit(X, Y) first.")
+        weight = self.coef_ / self.scaler_.scale_[:, None]
+        bias = self.intercept_ - (self.scaler_.mean_ / self.scaler_.scale_ + self.z_mean_) @ self.coef_
+        return weight, bias
+
+    def out_of_fold_predict(self, X, Y, groups=None) -> np.ndarray:
+        """Predictions of every spot by a model fitted at the chosen alpha on the other folds (the CV's folds).
+
+        What the fitted model gets wrong on spots (sections, with ``groups``) it has not seen: the residuals for
+        calibrating predictive intervals. Call after :meth:`fit` with the same ``X``, ``Y`` and ``groups``.
+        """
+        if not hasattr(self, "alpha_"):
+            raise RuntimeError("RidgeCV is not fitted; call fit(X, Y) first.")
+        X = _check_X(X)
+        Y = _check_Y(Y, X.shape[0])
+        g = _check_groups(groups, X.shape[0])
+        out = np.empty(Y.shape, dtype=np.float64)
+        for tr, va in self._folds(X.shape[0], g):
+            sc = StandardScaler().fit(X[tr])
+            Ztr = sc.transform(X[tr])
+            z_mean, y_mean = Ztr.mean(axis=0), Y[tr].mean(axis=0)
+            coef = _RidgePath(Ztr - z_mean, Y[tr] - y_mean).coef(self.alpha_)
+            out[va] = (sc.transform(X[va]) - z_mean) @ coef + y_mean
+        return out
