@@ -117,10 +117,18 @@ def test_predict_and_info(trained, toy_h5ad, tmp_path, capsys):
     assert pred.layers["varst_predicted"].shape == (N_SPOTS, N_GENES)
     assert np.isfinite(pred.layers["varst_predicted"]).all() and (pred.layers["varst_uncertainty"] >= 0).all()
     assert pred.obsm["varst_tokens"].shape[0] == N_SPOTS
+    # the transformer alone, without the ridge probe the cpu preset blends in
+    out0 = tmp_path / "pred" / "alone.h5ad"
+    rc = main(["predict", "--model", str(_stage_dir(trained, 2)), "--adata", str(qpath), "--out", str(out0),
+               "--n_samples", "0", "--ridge_blend", "0"])  # fmt: skip
+    assert rc == 0
+    alone = ad.read_h5ad(out0).layers["varst_predicted"]
+    assert np.abs(alone - pred.layers["varst_predicted"]).max() > 1e-3
     capsys.readouterr()
     assert main(["info", str(_stage_dir(trained, 2) / "model")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["stage2_trained"] and info["n_genes"] == N_GENES and info["epochs_trained"] == {"stage2": 3}
+    assert info["ridge_probe"]["fitted"] and info["ridge_probe"]["blend"] == 0.5
     assert main(["info", str(_stage_dir(trained, 1) / "best_vqvae.ckpt")]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["checkpoint_kind"] == "stage1" and info["stage1_trained"] and not info["stage2_trained"]

@@ -154,6 +154,12 @@ def _add_predict_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentPar
     p.add_argument("--top_p", type=_optional_float, default=None, help="nucleus filter (none = off)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     p.add_argument("--decode", choices=("expected", "mean_of_samples", "greedy"), default="expected")
+    p.add_argument(
+        "--ridge_blend",
+        type=float,
+        default=None,
+        help="weight of the model's ridge probe (0 = the transformer alone; default: the model's own)",
+    )
     p.add_argument("--batch_size", type=int, default=512, help="spots per batch")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: the model's)")
     p.add_argument("--debug", action="store_true", help="verbose logs and full tracebacks")
@@ -632,6 +638,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         cfg=args.cfg,
         batch_size=args.batch_size,
         seed=args.seed,
+        ridge_blend=args.ridge_blend,
     )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
