@@ -19,7 +19,7 @@ def test_quick_demo_writes_predictions_metrics_and_figures(data_dir, tmp_path):
 
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["varst"]["log1p"]["mean_pearson"] == pytest.approx(metrics["varst"]["log1p"]["mean_pearson"])
-    for method in ("varst", "ridge_cv", "ridge", "depth_oracle"):
+    for method in ("varst", "varst_transformer", "ridge_cv", "ridge", "depth_oracle"):
         for kind in ("log1p", "cp10k"):
             r = saved[method][kind]["mean_pearson"]
             assert -1.0 <= r <= 1.0, (method, kind, r)
