@@ -142,3 +142,21 @@ def test_report_only_merges_ablations_of_other_runs(quick_run, tmp_path):
     assert "ablations: elsewhere" in (out2 / "her2st.md").read_text()
     # the run's own store is not changed by the merge
     assert json.loads((cache / "partial_quick.json").read_text())["units"] == units
+
+
+def test_ablation_differences_are_paired_over_folds_and_seeds():
+    from varst_scverse._benchmark._report import _ablation_block
+
+    def r(x: float) -> dict:
+        return {"mean_pearson": x}
+
+    variants = {
+        "default": {"0": {"C2": r(0.30), "C3": r(0.40)}, "1": {"C2": r(0.20), "C3": r(0.50)}},
+        # the second seed of the variant ran on C2 only: compared with the default's C2 of that seed
+        "v": {"0": {"C2": r(0.35), "C3": r(0.40)}, "1": {"C2": r(0.30)}},
+    }
+    block = _ablation_block(variants, "0")
+    assert block["v"]["delta_vs_default"] == pytest.approx(0.025)
+    assert block["v"]["seeds"] == {"0": pytest.approx(0.375), "1": pytest.approx(0.30)}
+    assert block["v"]["seed_folds"] == {"0": ["C2", "C3"], "1": ["C2"]}
+    assert block["v"]["delta_vs_default_over_seeds"] == pytest.approx((0.05 + 0.0 + 0.10) / 3)

@@ -71,6 +71,44 @@ def _agg(rows: dict[str, dict]) -> dict[str, Any]:
     return out
 
 
+def _paired_delta(pairs: list[tuple[dict, dict]]) -> float:
+    """Mean of variant − default mean Pearson over (variant row, default row) pairs of the same fold and seed."""
+    d = [
+        v["mean_pearson"] - r["mean_pearson"]
+        for v, r in pairs
+        if v.get("mean_pearson") is not None and r.get("mean_pearson") is not None
+    ]
+    d = [x for x in d if np.isfinite(x)]
+    return float(np.mean(d)) if d else float("nan")
+
+
+def _ablation_block(variants: dict[str, dict[str, dict[str, dict]]], seed0: str) -> dict[str, Any]:
+    """One split's ablation rows: each variant's fold means per seed and its difference from the default.
+
+    Differences are paired: the variant and the default on the same folds with the same seed, so a variant that ran
+    on fewer folds (a run cut short, or a second seed decided fold by fold) is compared on those folds only.
+    """
+    dref = variants["default"]
+    block: dict[str, Any] = {}
+    for variant, seeds in variants.items():
+        rows = {seed: _agg(folds) for seed, folds in sorted(seeds.items())}
+        first = seed0 if seed0 in rows else next(iter(rows))
+        entry = dict(rows[first])
+
+        def pairs(seed: str, seeds=seeds) -> list[tuple[dict, dict]]:
+            return [(row, dref[seed][f]) for f, row in seeds[seed].items() if f in dref.get(seed, {})]
+
+        entry["delta_vs_default"] = _paired_delta(pairs(first))
+        if len(rows) > 1:
+            entry["seeds"] = {s: r["mean_pearson"] for s, r in rows.items()}
+            entry["seed_folds"] = {s: sorted(seeds[s]) for s in rows}
+            entry["mean_pearson_over_seeds"] = float(np.mean([r["mean_pearson"] for r in rows.values()]))
+            if variant != "default":
+                entry["delta_vs_default_over_seeds"] = _paired_delta([p for s in rows for p in pairs(s)])
+        block[variant] = entry
+    return block
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe: NaN → None."""
     if isinstance(x, dict):
@@ -117,27 +155,7 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
             "pcc_note": "pcc_10/pcc_50 are optimistic: the top genes are picked on the test spots (Stem/GenAR style)",
         }
         splits[name] = methods
-    ablations: dict[str, Any] = {}
-    for name in sorted(abl, key=_split_sort):
-        ref = _agg(abl[name]["default"][str(cfg["seed"])])
-        block: dict[str, Any] = {}
-        for variant, seeds in abl[name].items():
-            rows = {}
-            for seed, folds in sorted(seeds.items()):
-                rows[seed] = _agg(folds)
-            s0 = rows.get(str(cfg["seed"])) or next(iter(rows.values()))
-            entry = dict(s0)
-            entry["delta_vs_default"] = s0["mean_pearson"] - ref["mean_pearson"]
-            if len(rows) > 1:
-                entry["seeds"] = {s: r["mean_pearson"] for s, r in rows.items()}
-                entry["mean_pearson_over_seeds"] = float(np.mean([r["mean_pearson"] for r in rows.values()]))
-                dref = abl[name]["default"]
-                if variant != "default" and all(s in dref for s in rows):
-                    entry["delta_vs_default_over_seeds"] = float(
-                        np.mean([rows[s]["mean_pearson"] - _agg(dref[s])["mean_pearson"] for s in rows])
-                    )
-            block[variant] = entry
-        ablations[name] = block
+    ablations = {name: _ablation_block(abl[name], str(cfg["seed"])) for name in sorted(abl, key=_split_sort)}
     doc = {
         "machine": machine(),
         "command": command,
@@ -274,11 +292,19 @@ def ablation_table(block: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for v, r in block.items():
-        seeds = r.get("seeds")
-        stxt = " / ".join(f"{s}: {_f(x)}" for s, x in seeds.items()) if seeds else "–"
+        seeds, sfolds = r.get("seeds"), r.get("seed_folds") or {}
+        n0 = r.get("n_folds")
+        stxt = (
+            " / ".join(
+                f"{s}: {_f(x)}" + (f" ({', '.join(sfolds[s])})" if s in sfolds and len(sfolds[s]) != n0 else "")
+                for s, x in seeds.items()
+            )
+            if seeds
+            else "–"
+        )
         pre = r.get("prefix_mean_pearson")
         ptxt = " → ".join(_f(x) for x in pre) if pre else ""
-        dtxt = "" if v == "default" else f"{r['delta_vs_default']:+.3f}"
+        dtxt = "" if v == "default" or r.get("delta_vs_default") is None else f"{r['delta_vs_default']:+.3f}"
         d2 = r.get("delta_vs_default_over_seeds")
         lines.append(
             f"| {v} | {_pm(r)} | {dtxt} | {stxt} | {'' if d2 is None else f'{d2:+.3f}'} | "
@@ -289,7 +315,9 @@ def ablation_table(block: dict) -> list[str]:
 
 VARIANT_HELP = {
     "default": "VARST as in the main table: cpu preset (3 coarse scales generated, aux decode loss 1.0, "
-    "neighbour_k 6), expected-value decoding",
+    "neighbour_k 6, the ridge probe blended in with weight 0.5), expected-value decoding",
+    "ridge_blend_0": "the transformer alone (`ridge_blend=0`; the main table's `varst_transformer`)",
+    "ridge_blend_1": "the model's ridge probe alone (`ridge_blend=1`)",
     "decode_greedy": "most likely code at each scale",
     "decode_mean_of_samples_n4": "mean of 4 sampled generations (coverage from the same 4 draws)",
     "decode_mean_of_samples_n16": "mean of 16 sampled generations",
@@ -308,7 +336,8 @@ VARIANT_HELP = {
     "coordinates_off": "stage 2 retrained without coordinates (`coordinate_dropout=1.0`), same tokenizer",
     "tokenizer_train_only": "both stages retrained, tokenizer on the training sections only",
     "nar_control": "non-autoregressive control: MLP from the same inputs to code probabilities at the same 41 "
-    "positions, frozen stage-1 decoder, CE + aux decode loss, expected decode",
+    "positions, frozen stage-1 decoder, CE + aux decode loss, expected decode (no ridge probe: compare it with "
+    "`ridge_blend_0`)",
 }
 
 
@@ -387,7 +416,9 @@ def her2st_md(doc: dict) -> str:
         L += [
             "",
             f"A second seed (model seed {cfg['seed'] + 1}, retrained from stage 1) is run where a variant is within "
-            f"{cfg['seed_threshold']} of the default; 'Δ over seeds' is the mean of the per-seed differences.",
+            f"{cfg['seed_threshold']} of the default; differences are paired: the variant and the default on the "
+            "same folds and seeds ('Δ over seeds' over every fold and seed both ran on; a seed's folds are listed "
+            "when fewer than seed 0's).",
             "",
         ]
         for name, block in doc["ablations"].items():
