@@ -139,6 +139,9 @@ def test_coverage_of_samples_from_true_distribution():
     assert "coverage_50" in evaluate(truth, mu, samples=samples, interval=0.5)
     over_confident = mu + 0.3 * sd * rng.normal(size=(s, n, g))
     assert interval_coverage(truth, over_confident)[0] < 0.5
+    # few draws: still about nominal (numpy's default interpolation would give about 0.85 with 32 and 0.81 with 16)
+    assert interval_coverage(truth, samples[:32])[0] == pytest.approx(0.9, abs=0.02)
+    assert interval_coverage(truth, samples[:16])[0] == pytest.approx(15 / 17, abs=0.02)  # the draws' range
 
 
 @pytest.mark.parametrize(

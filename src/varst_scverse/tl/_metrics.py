@@ -96,8 +96,11 @@ def interval_coverage(truth, samples, interval: float = 0.9) -> tuple[float, flo
     Returns
     -------
     ``(coverage, width)``: the fraction of truth values inside ``[q_lo, q_hi]`` of the samples (per spot and
-    gene) and the mean of ``q_hi - q_lo``. With few samples the empirical quantiles are biased inwards, so expect
-    slightly less than ``interval`` even for a perfectly calibrated model.
+    gene) and the mean of ``q_hi - q_lo``. The quantiles sit at the plotting positions ``p (n + 1)`` of the ``n``
+    sorted draws (numpy's ``"weibull"`` method), where a perfectly calibrated model covers ``interval`` on average
+    whatever ``n``; numpy's default interpolation pulls them inwards (a calibrated model would score 0.81 with 16
+    draws for a 90% interval). With fewer than ``1 / (1 - interval) - 1`` draws (19 for 90%) the interval is the
+    draws' range, which covers ``(n - 1) / (n + 1)`` on average.
     """
     t = _as_2d_float(truth, "truth")
     if not 0.0 < float(interval) < 1.0:
@@ -112,7 +115,7 @@ def interval_coverage(truth, samples, interval: float = 0.9) -> tuple[float, flo
     if not np.all(np.isfinite(s)):
         raise ValueError("samples contains NaN or infinite values.")
     a = (1.0 - float(interval)) / 2.0
-    lo, hi = np.quantile(s, [a, 1.0 - a], axis=0)
+    lo, hi = np.quantile(s, [a, 1.0 - a], axis=0, method="weibull")
     inside = (t >= lo) & (t <= hi)
     return float(inside.mean()), float((hi - lo).mean())
 
