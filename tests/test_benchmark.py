@@ -160,3 +160,34 @@ def test_ablation_differences_are_paired_over_folds_and_seeds():
     assert block["v"]["seeds"] == {"0": pytest.approx(0.375), "1": pytest.approx(0.30)}
     assert block["v"]["seed_folds"] == {"0": ["C2", "C3"], "1": ["C2"]}
     assert block["v"]["delta_vs_default_over_seeds"] == pytest.approx((0.05 + 0.0 + 0.10) / 3)
+
+
+def test_report_only_merges_varst_rows_of_other_runs(quick_run, tmp_path):
+    import shutil
+
+    from varst_scverse.benchmark import report_only
+
+    out, doc, cache = quick_run
+    store = json.loads((cache / "partial_quick.json").read_text())
+    key = "cross_B4_top50_cp10k|B4"
+    full = store["units"][key]
+    # this run without VARST on one unit; the other run (the quick run's own store) has it
+    mine = tmp_path / "cache"
+    mine.mkdir()
+    full_methods = dict(full["methods"])
+    store["units"][key]["methods"] = {m: r for m, r in full_methods.items() if not m.startswith("varst")}
+    (mine / "partial_quick.json").write_text(json.dumps(store))
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    before = report_only(out2, mine)
+    assert "varst" not in before["splits"]["cross_B4_top50_cp10k"]
+    merged = report_only(out2, mine, merge_varst=[cache / "partial_quick.json"])
+    row = merged["splits"]["cross_B4_top50_cp10k"]["varst"]
+    assert row["mean_pearson"] == pytest.approx(full_methods["varst"]["mean_pearson"])
+    assert merged["splits"]["cross_B4_top50_cp10k"]["ridge_cv"] == before["splits"]["cross_B4_top50_cp10k"]["ridge_cv"]
+    # other genes: refused
+    other = json.loads((cache / "partial_quick.json").read_text())
+    other["units"][key]["genes"] = other["units"][key]["genes"][::-1]
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="other genes"):
+        report_only(out2, mine, merge_varst=[tmp_path / "other.json"])

@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --report_only: add the ablation results stored by another run (its partial_full.json, or the "
         "cache folder holding it; e.g. runs of single folds on another machine); repeatable",
     )
+    p.add_argument(
+        "--merge_varst",
+        action="append",
+        default=[],
+        help="with --report_only: add the VARST rows stored by another run for the units where this run has none "
+        "(same genes; e.g. more gene sets run later); repeatable",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--resume", action="store_true", help="reuse per-fold results of an interrupted identical run")
     p.add_argument(
@@ -145,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.report_only:
         report_only(
-            args.out, args.cache_dir, args.note, replace_notes=args.replace_notes, merge_ablations=args.merge_ablations
+            args.out,
+            args.cache_dir,
+            args.note,
+            replace_notes=args.replace_notes,
+            merge_ablations=args.merge_ablations,
+            merge_varst=args.merge_varst,
         )
         return 0
     cfg = BenchConfig(
@@ -201,16 +213,19 @@ def report_only(
     notes: list[str] | None = None,
     replace_notes: bool = False,
     merge_ablations: list[str | Path] | None = None,
+    merge_varst: list[str | Path] | None = None,
 ) -> dict:
     """Rewrite the three files from the stored per-fold results and the run facts of ``out/her2st.json``.
 
     For a run whose report writer changed afterwards, or to add notes: the command, date, wall time and machine stay
     those of the run. ``merge_ablations``: stored results of other runs (``partial_full.json`` files or the cache
-    folders holding them) whose ablation units are added where this run has none; say in a note where they ran.
+    folders holding them) whose ablation units are added where this run has none; ``merge_varst``: likewise, the
+    VARST rows of other runs for the folds, gene sets and targets where this run has none (the baselines stay this
+    run's; a unit whose genes differ is refused). Say in a note where and how they ran.
     """
     import json
 
-    from ._benchmark import _data, _report
+    from ._benchmark import _data, _report, _run
 
     out = Path(out)
     meta = json.loads((out / "her2st.json").read_text())
@@ -220,11 +235,19 @@ def report_only(
     name = f"partial_{'quick' if cfg['quick'] else 'full'}.json"
     store = json.loads((cache / name).read_text())
     for other in merge_ablations or []:
-        other = Path(other)
-        units = json.loads((other / name if other.is_dir() else other).read_text())["units"]
-        for key, unit in units.items():
+        for key, unit in _stored_units(other, name).items():
             if "|ablation|" in key:
                 store["units"].setdefault(key, unit)
+    for other in merge_varst or []:
+        for key, unit in _stored_units(other, name).items():
+            mine = store["units"].get(key)
+            if key.count("|") != 1 or mine is None or "varst" in mine["methods"] or "varst" not in unit["methods"]:
+                continue
+            if mine["genes"] != unit["genes"]:
+                raise ValueError(f"{other}: unit {key} has other genes than this run's; it cannot be merged.")
+            rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots") if k in unit}
+            rows["methods"] = {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
+            _run._add_varst(mine, rows)
     raw = {
         "config": cfg,
         "units": store["units"],
@@ -240,6 +263,14 @@ def report_only(
     _report.write_all(doc, raw, out)
     _log(f"rewrote {out / 'her2st.json'}, her2st.md and speed.md from {cache}")
     return doc
+
+
+def _stored_units(path: str | Path, name: str) -> dict:
+    """The per-fold units of another run's store (its ``partial_*.json``, or the cache folder holding it)."""
+    import json
+
+    path = Path(path)
+    return json.loads((path / name if path.is_dir() else path).read_text())["units"]
 
 
 if __name__ == "__main__":
