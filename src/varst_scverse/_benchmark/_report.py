@@ -254,15 +254,16 @@ def headline(doc: dict) -> list[str]:
             return _f(row.get(key)) if key != "mean_pearson" else _pm(row)
 
         if v is None:
-            vtxt, dtxt, cov, avg = "not run (see notes)", "–", "–", "–"
+            vtxt, dtxt, cov, alone_txt = "not run (see notes)", "–", "–", "–"
         else:
             vtxt = cell(v)
             dtxt = f"{v[key] - brow[key]:+.3f}"
             cov = _f(v.get("coverage_90"))
             alone = block.get("varst_transformer")
-            avg = cell(alone) if alone is not None else "–"
+            alone_txt = cell(alone) if alone is not None else "–"
         lines.append(
-            f"| {label} | {vtxt} | {bname} {cell(brow)} | {dtxt} | {avg} | {cov} | {cell(block['depth_oracle'])} |"
+            f"| {label} | {vtxt} | {bname} {cell(brow)} | {dtxt} | {alone_txt} | {cov} | "
+            f"{cell(block['depth_oracle'])} |"
         )
     return lines
 

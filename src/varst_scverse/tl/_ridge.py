@@ -147,6 +147,21 @@ class _RidgePath:
         return self.Q @ inner if self.primal else self.Xc.T @ (self.Q @ inner)
 
 
+def _fold_path(
+    X: np.ndarray, Y: np.ndarray, tr: np.ndarray, va: np.ndarray
+) -> tuple[_RidgePath, np.ndarray, np.ndarray]:
+    """One CV fold: the ridge path on training rows ``tr``, held-out rows ``va`` projected onto it, and ``Y``'s mean.
+
+    Features are standardised with a scaler fitted on ``tr`` only (no held-out statistics leak in) and centred; the
+    prediction of ``va`` at penalty ``alpha`` is ``path.predict(A, alpha) + y_mean``.
+    """
+    sc = StandardScaler().fit(X[tr])
+    Xtr = sc.transform(X[tr])
+    x_mean, y_mean = Xtr.mean(axis=0), Y[tr].mean(axis=0)
+    path = _RidgePath(Xtr - x_mean, Y[tr] - y_mean)
+    return path, path.project(sc.transform(X[va]) - x_mean), y_mean
+
+
 def _ridge_svd(Xc: np.ndarray, Yc: np.ndarray, alpha: float) -> np.ndarray:
     """Ridge coefficients ``[n_features, n_genes]`` for centred ``Xc``, ``Yc`` via one thin SVD."""
     U, s, Vt = np.linalg.svd(Xc, full_matrices=False)
@@ -277,13 +292,7 @@ class RidgeCV(BaseBaseline):
         folds = self._folds(X.shape[0], groups)
         scores = np.full((alphas.size, len(folds)), np.nan)
         for j, (tr, va) in enumerate(folds):
-            sc = StandardScaler().fit(X[tr])
-            Xtr = sc.transform(X[tr])
-            Xva = sc.transform(X[va])
-            x_mean = Xtr.mean(axis=0)
-            y_mean = Y[tr].mean(axis=0)
-            path = _RidgePath(Xtr - x_mean, Y[tr] - y_mean)
-            A = path.project(Xva - x_mean)
+            path, A, y_mean = _fold_path(X, Y, tr, va)
             for i, a in enumerate(alphas):
                 pred = path.predict(A, a) + y_mean
                 if self.scoring == "pearson":
@@ -337,9 +346,6 @@ class RidgeCV(BaseBaseline):
         g = _check_groups(groups, X.shape[0])
         out = np.empty(Y.shape, dtype=np.float64)
         for tr, va in self._folds(X.shape[0], g):
-            sc = StandardScaler().fit(X[tr])
-            Ztr = sc.transform(X[tr])
-            z_mean, y_mean = Ztr.mean(axis=0), Y[tr].mean(axis=0)
-            coef = _RidgePath(Ztr - z_mean, Y[tr] - y_mean).coef(self.alpha_)
-            out[va] = (sc.transform(X[va]) - z_mean) @ coef + y_mean
+            path, A, y_mean = _fold_path(X, Y, tr, va)
+            out[va] = path.predict(A, self.alpha_) + y_mean
         return out
