@@ -191,3 +191,51 @@ def test_report_only_merges_varst_rows_of_other_runs(quick_run, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(ValueError, match="other genes"):
         report_only(out2, mine, merge_varst=[tmp_path / "other.json"])
+
+
+def test_report_only_merges_other_seeds(quick_run, tmp_path):
+    import shutil
+
+    from varst_scverse._benchmark._report import NOT_BASELINES
+    from varst_scverse.benchmark import report_only
+
+    out, doc, cache = quick_run
+    store = json.loads((cache / "partial_quick.json").read_text())
+    seed = store["fingerprint"]["seed"]
+    key, split = "cross_B4_top50_log1p|B4", "cross_B4_top50_log1p"
+    methods = store["units"][key]["methods"]
+    other = json.loads(json.dumps(store))
+    other["fingerprint"]["seed"] = seed + 1
+    other["units"][key]["methods"]["varst"]["mean_pearson"] = methods["varst"]["mean_pearson"] + 0.05
+    path = tmp_path / "seed1.json"
+    path.write_text(json.dumps(other))
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    merged = report_only(out2, cache, merge_seeds=[path])
+    block = merged["splits"][split]["_seeds"]
+    r0 = methods["varst"]["mean_pearson"]
+    assert block["seeds"][str(seed)]["mean_pearson"] == pytest.approx(r0)
+    assert block["seeds"][str(seed + 1)]["mean_pearson"] == pytest.approx(r0 + 0.05)
+    assert block["mean_pearson_over_seeds"] == pytest.approx(r0 + 0.025)
+    assert block["largest_seed_difference_per_fold"] == pytest.approx(0.05)
+    best = max(
+        (r["mean_pearson"], m)
+        for m, r in methods.items()
+        if m not in NOT_BASELINES and r.get("mean_pearson") is not None and np.isfinite(r["mean_pearson"])
+    )
+    assert block["best_baseline"] == best[1]
+    assert block["delta_over_seeds"] == pytest.approx(r0 + 0.025 - best[0])
+    # the report's own VARST row stays its seed's; the seed table is in the markdown
+    assert merged["splits"][split]["varst"]["mean_pearson"] == pytest.approx(r0)
+    assert "## VARST over seeds" in (out2 / "her2st.md").read_text()
+    # the run's own store is not changed by the merge
+    assert json.loads((cache / "partial_quick.json").read_text()) == store
+    # the same seed, or other training settings: refused
+    other["fingerprint"]["seed"] = seed
+    path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="same seed|--merge_varst"):
+        report_only(out2, cache, merge_seeds=[path])
+    other["fingerprint"].update(seed=seed + 1, stage2_epochs=store["fingerprint"]["stage2_epochs"] + 1)
+    path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="stage2_epochs"):
+        report_only(out2, cache, merge_seeds=[path])

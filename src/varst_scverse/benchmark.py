@@ -138,6 +138,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --report_only: add the VARST rows stored by another run for the units where this run has none "
         "(same genes; e.g. more gene sets run later); repeatable",
     )
+    p.add_argument(
+        "--merge_seeds",
+        action="append",
+        default=[],
+        help="with --report_only: add the VARST rows of a run with another --seed (same genes and training "
+        "settings) as a second seed: the report gains a table of VARST per seed and the mean over seeds; repeatable",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--resume", action="store_true", help="reuse per-fold results of an interrupted identical run")
     p.add_argument(
@@ -158,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             replace_notes=args.replace_notes,
             merge_ablations=args.merge_ablations,
             merge_varst=args.merge_varst,
+            merge_seeds=args.merge_seeds,
         )
         return 0
     cfg = BenchConfig(
@@ -214,6 +222,7 @@ def report_only(
     replace_notes: bool = False,
     merge_ablations: list[str | Path] | None = None,
     merge_varst: list[str | Path] | None = None,
+    merge_seeds: list[str | Path] | None = None,
 ) -> dict:
     """Rewrite the three files from the stored per-fold results and the run facts of ``out/her2st.json``.
 
@@ -221,7 +230,10 @@ def report_only(
     those of the run. ``merge_ablations``: stored results of other runs (``partial_full.json`` files or the cache
     folders holding them) whose ablation units are added where this run has none; ``merge_varst``: likewise, the
     VARST rows of other runs for the folds, gene sets and targets where this run has none (the baselines stay this
-    run's; a unit whose genes differ is refused). Say in a note where and how they ran.
+    run's; a unit whose genes differ is refused). ``merge_seeds``: stored results of runs with another ``--seed``
+    and the same training settings; their VARST rows become further seeds of the units this run has (the report's
+    seed table: VARST per seed, the mean over seeds and the best baseline on the same folds). Say in a note where and
+    how they ran.
     """
     import json
 
@@ -235,19 +247,20 @@ def report_only(
     name = f"partial_{'quick' if cfg['quick'] else 'full'}.json"
     store = json.loads((cache / name).read_text())
     for other in merge_ablations or []:
-        for key, unit in _stored_units(other, name).items():
+        for key, unit in _stored(other, name)["units"].items():
             if "|ablation|" in key:
                 store["units"].setdefault(key, unit)
     for other in merge_varst or []:
-        for key, unit in _stored_units(other, name).items():
-            mine = store["units"].get(key)
-            if key.count("|") != 1 or mine is None or "varst" in mine["methods"] or "varst" not in unit["methods"]:
+        for mine, unit in _varst_units(other, name, store):
+            if "varst" in mine["methods"]:
                 continue
-            if mine["genes"] != unit["genes"]:
-                raise ValueError(f"{other}: unit {key} has other genes than this run's; it cannot be merged.")
             rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots") if k in unit}
-            rows["methods"] = {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
+            rows["methods"] = _varst_methods(unit)
             _run._add_varst(mine, rows)
+    for other in merge_seeds or []:
+        seed = _other_seed(other, name, cfg)
+        for mine, unit in _varst_units(other, name, store):
+            mine.setdefault("varst_seeds", {})[str(seed)] = _varst_methods(unit)
     raw = {
         "config": cfg,
         "units": store["units"],
@@ -265,12 +278,54 @@ def report_only(
     return doc
 
 
-def _stored_units(path: str | Path, name: str) -> dict:
-    """The per-fold units of another run's store (its ``partial_*.json``, or the cache folder holding it)."""
+def _stored(path: str | Path, name: str) -> dict:
+    """Another run's store (its ``partial_*.json``, or the cache folder holding it)."""
     import json
 
     path = Path(path)
-    return json.loads((path / name if path.is_dir() else path).read_text())["units"]
+    return json.loads((path / name if path.is_dir() else path).read_text())
+
+
+def _varst_units(other: str | Path, name: str, store: dict):
+    """Pairs ``(this run's unit, the other run's unit)`` of every fold unit where the other run has VARST rows.
+
+    Refuses a unit whose genes differ from this run's: its scores would not be comparable.
+    """
+    for key, unit in _stored(other, name)["units"].items():
+        mine = store["units"].get(key)
+        if key.count("|") != 1 or mine is None or "varst" not in unit.get("methods", {}):
+            continue
+        if mine["genes"] != unit["genes"]:
+            raise ValueError(f"{other}: unit {key} has other genes than this run's; it cannot be merged.")
+        yield mine, unit
+
+
+def _varst_methods(unit: dict) -> dict:
+    return {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
+
+
+#: training settings a run merged as another seed must share with the report's run
+_SEED_RUN_SETTINGS = ("stage1_epochs", "stage1_max_steps", "stage2_epochs", "n_samples", "quick")
+
+
+def _other_seed(other: str | Path, name: str, cfg: dict) -> int:
+    """The seed of a run to merge as another seed, after checking it differs only in the seed."""
+    fp = _stored(other, name).get("fingerprint") or {}
+    if "seed" not in fp:
+        raise ValueError(f"{other}: the store records no run settings (fingerprint); it cannot be merged as a seed.")
+    if int(fp["seed"]) == int(cfg["seed"]):
+        raise ValueError(
+            f"{other}: ran with seed {fp['seed']}, the seed of this report's run; merge runs of the same seed with "
+            "--merge_varst."
+        )
+    differ = [k for k in _SEED_RUN_SETTINGS if k in fp and fp[k] != cfg.get(k)]
+    if differ:
+        detail = ", ".join(f"{k} {fp[k]!r} vs {cfg.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"{other}: trained with other settings than this report's run ({detail}); only the seed may "
+            "differ between seeds."
+        )
+    return int(fp["seed"])
 
 
 if __name__ == "__main__":

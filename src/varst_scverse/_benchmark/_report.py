@@ -109,6 +109,49 @@ def _ablation_block(variants: dict[str, dict[str, dict[str, dict]]], seed0: str)
     return block
 
 
+def _fold_mean(rows: dict[str, dict], folds: list[str], key: str = "mean_pearson") -> float:
+    vals = [rows[f].get(key) for f in folds]
+    vals = [v for v in vals if v is not None and np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def _seed_block(seeds: dict[str, dict[str, dict]], methods: dict[str, dict[str, dict]]) -> dict[str, Any]:
+    """VARST per seed on the folds every seed ran, their mean, and the best baseline on the same folds.
+
+    ``seeds``: seed → fold → the VARST rows of that fold (``varst``, ``varst_transformer``); ``methods``: method →
+    fold → row, the split's per-fold results (the baselines of the report's run).
+    """
+    folds = sorted(set.intersection(*(set(rows) for rows in seeds.values())))
+    per_seed = {}
+    for seed, rows in sorted(seeds.items(), key=lambda kv: int(kv[0])):
+        varst_rows = {f: rows[f]["varst"] for f in folds}
+        alone = {f: rows[f]["varst_transformer"] for f in folds if "varst_transformer" in rows[f]}
+        per_seed[seed] = {
+            "mean_pearson": _fold_mean(varst_rows, folds),
+            "coverage_90": _fold_mean(varst_rows, folds, "coverage_90"),
+            "transformer_mean_pearson": _fold_mean(alone, folds) if len(alone) == len(folds) else float("nan"),
+            "per_fold_mean_pearson": {f: varst_rows[f].get("mean_pearson") for f in folds},
+        }
+    baselines = {
+        m: _fold_mean(rows, folds)
+        for m, rows in methods.items()
+        if m not in NOT_BASELINES and all(f in rows for f in folds)
+    }
+    baselines = {m: v for m, v in baselines.items() if np.isfinite(v)}
+    best = max(baselines, key=baselines.get) if baselines else None
+    mean = float(np.mean([r["mean_pearson"] for r in per_seed.values()]))
+    spread = [float(np.ptp([r["per_fold_mean_pearson"][f] for r in per_seed.values()])) for f in folds]
+    return {
+        "folds": folds,
+        "seeds": per_seed,
+        "mean_pearson_over_seeds": mean,
+        "largest_seed_difference_per_fold": float(max(spread)) if spread else float("nan"),
+        "best_baseline": best,
+        "best_baseline_mean_pearson": baselines.get(best, float("nan")),
+        "delta_over_seeds": mean - baselines[best] if best else float("nan"),
+    }
+
+
 def _clean(x: Any) -> Any:
     """JSON-safe: NaN → None."""
     if isinstance(x, dict):
@@ -126,12 +169,18 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
     per: dict[str, dict[str, dict[str, dict]]] = {}
     abl: dict[str, dict[str, dict[str, dict[str, dict]]]] = {}
     genes_n: dict[str, list[int]] = {}
+    seeds: dict[str, dict[str, dict[str, dict]]] = {}  # split → seed → fold → VARST rows
     for key, unit in raw["units"].items():
         parts = key.split("|")
         name, fold = parts[0], parts[1]
         if len(parts) == 2:
             for method, row in unit["methods"].items():
                 per.setdefault(name, {}).setdefault(method, {})[fold] = row
+            if "varst" in unit["methods"]:
+                own = {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
+                seeds.setdefault(name, {}).setdefault(str(cfg["seed"]), {})[fold] = own
+            for seed, rows in unit.get("varst_seeds", {}).items():
+                seeds.setdefault(name, {}).setdefault(seed, {})[fold] = rows
             genes = unit["genes"]
             genes_n.setdefault(name, []).append(len(genes) if isinstance(genes, list) else int(genes.split()[0]))
         else:
@@ -154,6 +203,8 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
             "test_sections": sorted(per[name]["ridge_cv"]),
             "pcc_note": "pcc_10/pcc_50 are optimistic: the top genes are picked on the test spots (Stem/GenAR style)",
         }
+        if len(seeds.get(name, {})) > 1:
+            methods["_seeds"] = _seed_block(seeds[name], per[name])
         splits[name] = methods
     ablations = {name: _ablation_block(abl[name], str(cfg["seed"])) for name in sorted(abl, key=_split_sort)}
     doc = {
@@ -264,6 +315,28 @@ def headline(doc: dict) -> list[str]:
         lines.append(
             f"| {label} | {vtxt} | {bname} {cell(brow)} | {dtxt} | {alone_txt} | {cov} | "
             f"{cell(block['depth_oracle'])} |"
+        )
+    return lines
+
+
+def seed_table(doc: dict) -> list[str]:
+    """VARST per seed, the mean over seeds and the best baseline on the same folds, for the splits with seeds."""
+    blocks = {n: b["_seeds"] for n, b in doc["splits"].items() if "_seeds" in b}
+    if not blocks:
+        return []
+    names = sorted({s for b in blocks.values() for s in b["seeds"]}, key=int)
+    lines = [
+        f"| split | folds | {' | '.join(f'seed {s}' for s in names)} | mean over seeds | best baseline (same folds) "
+        "| Δ mean − best | largest seed difference in a fold | coverage 90% per seed |",
+        "|---|---|" + "---|" * len(names) + "---|---|---|---|---|",
+    ]
+    for name, b in blocks.items():
+        cells = [_f(b["seeds"][s]["mean_pearson"]) if s in b["seeds"] else "–" for s in names]
+        cov = " / ".join(_f(b["seeds"][s]["coverage_90"], 2) for s in names if s in b["seeds"])
+        lines.append(
+            f"| {name} | {len(b['folds'])} | {' | '.join(cells)} | {_f(b['mean_pearson_over_seeds'])} | "
+            f"{b['best_baseline']} {_f(b['best_baseline_mean_pearson'])} | {b['delta_over_seeds']:+.3f} | "
+            f"{_f(b['largest_seed_difference_per_fold'])} | {cov} |"
         )
     return lines
 
@@ -390,6 +463,17 @@ def her2st_md(doc: dict) -> str:
         *headline(doc),
         "",
     ]
+    seeds = seed_table(doc)
+    if seeds:
+        L += [
+            "## VARST over seeds",
+            "",
+            "Each seed retrains both stages (model seed; the baselines are the report run's). Means over the folds "
+            "every seed ran on; the best baseline is taken on the same folds.",
+            "",
+            *seeds,
+            "",
+        ]
     notes = list(doc.get("notes") or [])
     skipped = doc.get("skipped_for_time") or []
     if skipped:
