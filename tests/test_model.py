@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import anndata as ad
@@ -324,6 +325,38 @@ def test_stage2_refused_before_stage1(data):
         m.predict_expression(a)
     with pytest.raises(ValueError, match="stage must be 1 or 2"):
         m.train(stage=3)
+
+
+def test_batch_memory_estimate_warns_before_the_machine_runs_out():
+    from varst_scverse.model import _memory
+
+    # stage 1 keeps about 80 [genes, embed_dim] float32 maps per spot: 256 x 10,000 genes x 64 needs ~52 GB
+    need = _memory.training_batch_bytes(1, 256, 10_000, 64)
+    assert need == 256 * 10_000 * 64 * 4 * 80
+    assert _memory.training_batch_bytes(2, 256, 10_000, 64) < need
+    assert _memory.training_batch_bytes(2, 256, 10_000, 64, aux_decode=False) < _memory.training_batch_bytes(
+        2, 256, 10_000, 64
+    )
+    assert not _memory.warn_if_batch_too_large(1, 256, 250, 64, available=16 * 10**9)
+    with pytest.warns(
+        UserWarning, match=r"batch_size=256 on 10,000 genes needs about 52\.4 GB.*batch_size=(\d+)"
+    ) as rec:
+        assert _memory.warn_if_batch_too_large(1, 256, 10_000, 64, available=20 * 10**9)
+    suggested = int(re.search(r"Pass batch_size=(\d+)", str(rec[0].message)).group(1))
+    assert 0 < suggested < 256
+    assert _memory.training_batch_bytes(1, suggested, 10_000, 64) <= 0.8 * 20 * 10**9
+    assert _memory.available_memory_bytes() is None or _memory.available_memory_bytes() > 0
+
+
+def test_train_warns_when_the_batch_exceeds_available_memory(data, monkeypatch):
+    from varst_scverse.model import _memory
+
+    a = data.train.copy()
+    VARST.setup_anndata(a, **SETUP)
+    m = VARST(a, preset="cpu", vqvae_config=VQ, var_config=VAR)
+    monkeypatch.setattr(_memory, "available_memory_bytes", lambda: 10**5)
+    with pytest.warns(UserWarning, match=r"Stage 1 with batch_size=32 on 32 genes.*run out of memory"):
+        m.train(stage=1, max_epochs=1, **FAST)
 
 
 def test_stage1_history_and_codebook_utilisation(trained):

@@ -25,6 +25,7 @@ from .._targets import TARGET_KINDS, expression_target
 from ..module import TwoStageVARST
 from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
 from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
+from ._memory import warn_if_batch_too_large
 from ._training import (
     BestWeightsInMemory,
     EpochWeightAverage,
@@ -414,6 +415,14 @@ class VARST:
         n_train = len(rows) if train_size >= 1 else max(1, int(round(train_size * len(rows))))
         train_rows, val_rows = rows[:n_train], rows[n_train:]
         batch_size = batch_size or _DEFAULT_BATCH[stage]
+        if accelerator == "cpu":
+            warn_if_batch_too_large(
+                stage,
+                batch_size,
+                self.module.num_genes,
+                self.module.vqvae_config["embed_dim"],
+                aux_decode=self.module.var_config["aux_decode_weight"] > 0,
+            )
         max_epochs = max_epochs or _DEFAULT_EPOCHS.get(self.preset, _DEFAULT_EPOCHS["seed"])[stage]
         loader_kw = {"batch_size": batch_size, "num_workers": num_workers, "pin_memory": pin_memory}
         train_dl = torch.utils.data.DataLoader(

@@ -1,0 +1,86 @@
+"""Pre-flight estimate of a training batch's memory.
+
+A batch too large for the machine is named in a warning before the operating system kills the process without a
+message. Both stages hold ``[batch, genes, embed_dim]`` feature maps of the gene VQ-VAE (encoder, the residual
+quantiser at every scale, decoder) for the backward pass, so the cost grows with genes × batch, not with the model
+size. The factors come from measured peaks of the ``cpu`` preset (``embed_dim`` 64) on CPU, fp32, less the model and
+optimiser: 11–19 kB per gene and spot in stage 1 (G = 250–10,232; batch 256 × 10,232 genes was killed on a 24 GB
+machine) and about 9 kB in stage 2 with the free-roll-out decode loss (G = 2,000).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ._validation import warn_user
+
+#: float32 feature maps of ``[genes, embed_dim]`` kept per spot for the backward pass (measured, rounded up)
+_MAPS_PER_SPOT = {1: 80, 2: 40}
+#: stage 2 without the auxiliary decode loss keeps no decoder activations
+_MAPS_STAGE2_NO_DECODE = 8
+
+
+def training_batch_bytes(stage: int, batch_size: int, n_genes: int, embed_dim: int, aux_decode: bool = True) -> int:
+    """Estimated activation memory of one training step (bytes).
+
+    Parameters
+    ----------
+    stage
+        1 (tokenizer) or 2 (transformer with the frozen tokenizer).
+    batch_size
+        Spots per batch.
+    n_genes, embed_dim
+        Genes G and the tokenizer's ``vqvae_config["embed_dim"]``.
+    aux_decode
+        Stage 2 only: whether the auxiliary decode loss back-propagates through the decoder.
+    """
+    maps = _MAPS_PER_SPOT[stage] if stage == 1 or aux_decode else _MAPS_STAGE2_NO_DECODE
+    return int(batch_size) * int(n_genes) * int(embed_dim) * 4 * maps
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process now (``MemAvailable``), or None where it cannot be read."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def warn_if_batch_too_large(
+    stage: int,
+    batch_size: int,
+    n_genes: int,
+    embed_dim: int,
+    aux_decode: bool = True,
+    available: int | None = None,
+) -> bool:
+    """Warn when a CPU training batch would need more memory than is available; return whether it warned.
+
+    ``available`` defaults to :func:`available_memory_bytes` (no warning when it is unknown).
+    """
+    need = training_batch_bytes(stage, batch_size, n_genes, embed_dim, aux_decode)
+    available = available_memory_bytes() if available is None else available
+    if available is None or need <= 0.8 * available:
+        return False
+    per_spot = training_batch_bytes(stage, 1, n_genes, embed_dim, aux_decode)
+    fits = max(1, int(0.5 * available // per_spot))
+    warn_user(
+        f"Stage {stage} with batch_size={batch_size} on {n_genes:,} genes needs about {need / 1e9:.1f} GB of "
+        f"activations (estimate: the tokenizer keeps a {n_genes:,} x {embed_dim} feature map per layer and spot), and "
+        f"this machine has {available / 1e9:.1f} GB available: the process will probably run out of memory and be "
+        f"killed. Pass batch_size={fits} or smaller, or model fewer genes (e.g. subset the AnnData to the highly "
+        "variable ones before `VARST.setup_anndata`)."
+    )
+    return True
