@@ -239,3 +239,18 @@ def test_report_only_merges_other_seeds(quick_run, tmp_path):
     path.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="stage2_epochs"):
         report_only(out2, cache, merge_seeds=[path])
+
+
+def test_parallel_units_respect_the_time_budget():
+    import time
+    from types import SimpleNamespace
+
+    from varst_scverse._benchmark._run import Budget, _parallel_units
+
+    jobs = {("cross_B4", "B4", "top50", t): {"key": f"cross_B4_top50_{t}|B4"} for t in ("log1p", "cp10k")}
+    budget = Budget(0.0, time.time() - 1.0)  # spent before the first unit
+    lines: list[str] = []
+    cfg = SimpleNamespace(workers=2, quick=True)
+    # nothing may start (a started unit would need the store, the data and the settings, all None here)
+    _parallel_units(list(jobs), jobs, None, None, None, None, cfg, "train", budget, lines.append)
+    assert budget.skipped == ["VARST cross_B4_top50_log1p|B4", "VARST cross_B4_top50_cp10k|B4"]

@@ -378,26 +378,40 @@ def _worker_unit(cache: str, all_sections: bool, job: dict[str, Any], settings, 
 
 
 def _parallel_units(keys, jobs, store, adata, cache, settings, cfg, tokenizer_mode, budget, log) -> None:
-    """Fit the default VARST of ``keys`` in ``cfg.workers`` processes (spawned: no forked OpenMP state)."""
+    """Fit the default VARST of ``keys`` in ``cfg.workers`` processes (spawned: no forked OpenMP state).
+
+    A unit starts only when a worker is free and the time budget allows it; the rest are listed as skipped.
+    """
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     if not keys:
         return
-    log(f"{len(keys)} VARST units on {cfg.workers} worker processes")
+    pending = list(keys)
+    log(f"{len(pending)} VARST units on {cfg.workers} worker processes")
     t0 = time.time()
     with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=mp.get_context("spawn")) as pool:
-        futures = {}
-        for jk in keys:
-            job = {k: v for k, v in jobs[jk].items() if k != "query"}
-            fut = pool.submit(_worker_unit, str(cache), not cfg.quick, job, settings, cfg, tokenizer_mode)
-            futures[fut] = jobs[jk]["key"]
-        for fut in as_completed(futures):
-            key = futures[fut]
-            unit = store.get(key)
-            _add_varst(unit, fut.result())
-            _log_unit(log, key, unit, t0, budget)
-            store.put(key, unit)
+        futures: dict[Any, str] = {}
+
+        def fill() -> None:
+            while pending and len(futures) < cfg.workers:
+                jk = pending.pop(0)
+                if not budget.ok(f"VARST {jobs[jk]['key']}"):
+                    continue
+                job = {k: v for k, v in jobs[jk].items() if k != "query"}
+                fut = pool.submit(_worker_unit, str(cache), not cfg.quick, job, settings, cfg, tokenizer_mode)
+                futures[fut] = jobs[jk]["key"]
+
+        fill()
+        while futures:
+            done, _ = wait(futures, return_when=FIRST_COMPLETED)
+            for fut in done:
+                key = futures.pop(fut)
+                unit = store.get(key)
+                _add_varst(unit, fut.result())
+                _log_unit(log, key, unit, t0, budget)
+                store.put(key, unit)
+            fill()
 
 
 def _fit_default(adata, fold, genes, target, query, settings, cfg, tokenizer_mode) -> dict[str, Any]:
