@@ -37,8 +37,10 @@ def quick_run(data_dir, tmp_path_factory):
 
 def test_outputs_written(quick_run):
     out, doc, _ = quick_run
-    for name in ("her2st.json", "her2st.md", "speed.md"):
+    for name in ("her2st.json", "her2st.md"):
         assert (out / name).is_file()
+    # --no_speed: no speed table written (an existing one would be kept, see test_report_only_keeps_speed_md)
+    assert not (out / "speed.md").exists()
     md = (out / "her2st.md").read_text()
     assert "varst benchmark --quick" in md
     assert "cross_B4_top50_log1p" in md and "optimistic" in md
@@ -254,3 +256,16 @@ def test_parallel_units_respect_the_time_budget():
     # nothing may start (a started unit would need the store, the data and the settings, all None here)
     _parallel_units(list(jobs), jobs, None, None, None, None, cfg, "train", budget, lines.append)
     assert budget.skipped == ["VARST cross_B4_top50_log1p|B4", "VARST cross_B4_top50_cp10k|B4"]
+
+
+def test_report_only_keeps_speed_md_without_speed_measurements(quick_run, tmp_path):
+    import shutil
+
+    from varst_scverse.benchmark import report_only
+
+    out, _, cache = quick_run
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    (out2 / "speed.md").write_text("# Speed\n\nan earlier run's table\n")
+    report_only(out2, cache)
+    assert (out2 / "speed.md").read_text() == "# Speed\n\nan earlier run's table\n"

@@ -13,9 +13,10 @@ The protocol of DESIGN.md "How quality is measured":
   the ``depth_oracle`` yardstick;
 * metrics from :func:`varst_scverse.tl.evaluate`; for ``within_C`` the mean over folds and the fold spread (std).
 
-Writes ``her2st.json``, ``her2st.md`` and ``speed.md`` to ``--out`` (default ``benchmarks/results``). The embedded
-HER2ST AnnData is cached under ``--cache_dir`` (default ``$VARST_BENCHMARK_CACHE`` or the varst-scverse user cache),
-never in the repository; per-fold results are saved there too, so ``--resume`` continues an interrupted run.
+Writes ``her2st.json``, ``her2st.md`` and (unless ``--no_speed``) ``speed.md`` to ``--out`` (default
+``benchmarks/results``). The embedded HER2ST AnnData is cached under ``--cache_dir`` (default
+``$VARST_BENCHMARK_CACHE`` or the varst-scverse user cache), never in the repository; per-fold results are saved there
+too, so ``--resume`` continues an interrupted run.
 
 Examples
 --------
@@ -43,6 +44,8 @@ def _log(msg: str) -> None:
 def run_benchmark(cfg: BenchConfig, out: str | Path = "benchmarks/results", command: str | None = None) -> dict:
     """Run the benchmark described by ``cfg`` and write ``her2st.json``, ``her2st.md`` and ``speed.md`` to ``out``.
 
+    ``speed.md`` only when the run measures speed (``cfg.speed``); otherwise an existing one is left as it is.
+
     Returns the JSON document.
     """
     from ._benchmark import _report, _run
@@ -50,9 +53,13 @@ def run_benchmark(cfg: BenchConfig, out: str | Path = "benchmarks/results", comm
     started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     raw = _run.run(cfg, log=_log)
     doc = _report.build_json(raw, command=command or "varst benchmark", started=started)
-    _report.write_all(doc, raw, Path(out))
-    _log(f"wrote {Path(out) / 'her2st.json'}, her2st.md and speed.md in {raw['seconds'] / 60:.1f} min")
+    written = _report.write_all(doc, raw, Path(out))
+    _log(f"wrote {', '.join(written)} to {out} in {raw['seconds'] / 60:.1f} min{_speed_kept(written)}")
     return doc
+
+
+def _speed_kept(written: list[str]) -> str:
+    return "" if "speed.md" in written else " (no speed measured: speed.md left as it was)"
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -273,8 +280,8 @@ def report_only(
     }
     doc = _report.build_json(raw, command=meta["command"], started=meta["date"])
     doc["machine"] = meta["machine"]
-    _report.write_all(doc, raw, out)
-    _log(f"rewrote {out / 'her2st.json'}, her2st.md and speed.md from {cache}")
+    written = _report.write_all(doc, raw, out)
+    _log(f"rewrote {', '.join(written)} in {out} from {cache}{_speed_kept(written)}")
     return doc
 
 

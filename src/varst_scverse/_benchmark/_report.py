@@ -612,9 +612,16 @@ def speed_md(doc: dict) -> str:
     return "\n".join(L) + "\n"
 
 
-def write_all(doc: dict, raw: dict, out: Path) -> None:
-    """Write the three files."""
+def write_all(doc: dict, raw: dict, out: Path) -> list[str]:
+    """Write ``her2st.json``, ``her2st.md`` and, when the run measured speed, ``speed.md``; return the names written.
+
+    A run without speed measurements (``--no_speed``) leaves an existing ``speed.md`` as it is.
+    """
     out.mkdir(parents=True, exist_ok=True)
     (out / "her2st.json").write_text(json.dumps(doc, indent=1) + "\n")
     (out / "her2st.md").write_text(her2st_md(doc))
-    (out / "speed.md").write_text(speed_md(doc))
+    written = ["her2st.json", "her2st.md"]
+    if doc.get("speed"):
+        (out / "speed.md").write_text(speed_md(doc))
+        written.append("speed.md")
+    return written
