@@ -203,8 +203,9 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
             "test_sections": sorted(per[name]["ridge_cv"]),
             "pcc_note": "pcc_10/pcc_50 are optimistic: the top genes are picked on the test spots (Stem/GenAR style)",
         }
-        if len(seeds.get(name, {})) > 1:
-            methods["_seeds"] = _seed_block(seeds[name], per[name])
+        by_seed = seeds.get(name, {})
+        if len(by_seed) > 1 and set.intersection(*(set(rows) for rows in by_seed.values())):
+            methods["_seeds"] = _seed_block(by_seed, per[name])
         splits[name] = methods
     ablations = {name: _ablation_block(abl[name], str(cfg["seed"])) for name in sorted(abl, key=_split_sort)}
     doc = {
@@ -278,6 +279,10 @@ def _f(x, nd: int = 3) -> str:
     return "–" if x is None else f"{x:.{nd}f}"
 
 
+def _signed(x) -> str:
+    return "–" if x is None else f"{x:+.3f}"
+
+
 def _pm(row: dict) -> str:
     s = _f(row.get("mean_pearson"))
     sd = (row.get("fold_std") or {}).get("mean_pearson")
@@ -335,7 +340,7 @@ def seed_table(doc: dict) -> list[str]:
         cov = " / ".join(_f(b["seeds"][s]["coverage_90"], 2) for s in names if s in b["seeds"])
         lines.append(
             f"| {name} | {len(b['folds'])} | {' | '.join(cells)} | {_f(b['mean_pearson_over_seeds'])} | "
-            f"{b['best_baseline']} {_f(b['best_baseline_mean_pearson'])} | {b['delta_over_seeds']:+.3f} | "
+            f"{b['best_baseline']} {_f(b['best_baseline_mean_pearson'])} | {_signed(b['delta_over_seeds'])} | "
             f"{_f(b['largest_seed_difference_per_fold'])} | {cov} |"
         )
     return lines
