@@ -262,12 +262,12 @@ def report_only(
             if "varst" in mine["methods"]:
                 continue
             rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots") if k in unit}
-            rows["methods"] = _varst_methods(unit)
+            rows["methods"] = _report.varst_methods(unit["methods"])
             _run._add_varst(mine, rows)
     for other in merge_seeds or []:
         seed = _other_seed(other, name, cfg)
         for mine, unit in _varst_units(other, name, store):
-            mine.setdefault("varst_seeds", {})[str(seed)] = _varst_methods(unit)
+            mine.setdefault("varst_seeds", {})[str(seed)] = _report.varst_methods(unit["methods"])
     raw = {
         "config": cfg,
         "units": store["units"],
@@ -305,10 +305,6 @@ def _varst_units(other: str | Path, name: str, store: dict):
         if mine["genes"] != unit["genes"]:
             raise ValueError(f"{other}: unit {key} has other genes than this run's; it cannot be merged.")
         yield mine, unit
-
-
-def _varst_methods(unit: dict) -> dict:
-    return {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
 
 
 #: training settings a run merged as another seed must share with the report's run

@@ -109,6 +109,11 @@ def _ablation_block(variants: dict[str, dict[str, dict[str, dict]]], seed0: str)
     return block
 
 
+def varst_methods(methods: dict[str, dict]) -> dict[str, dict]:
+    """The VARST rows of one unit's methods (``varst`` and its companions such as ``varst_transformer``)."""
+    return {m: r for m, r in methods.items() if m.startswith("varst")}
+
+
 def _fold_mean(rows: dict[str, dict], folds: list[str], key: str = "mean_pearson") -> float:
     vals = [rows[f].get(key) for f in folds]
     vals = [v for v in vals if v is not None and np.isfinite(v)]
@@ -177,8 +182,7 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
             for method, row in unit["methods"].items():
                 per.setdefault(name, {}).setdefault(method, {})[fold] = row
             if "varst" in unit["methods"]:
-                own = {m: r for m, r in unit["methods"].items() if m.startswith("varst")}
-                seeds.setdefault(name, {}).setdefault(str(cfg["seed"]), {})[fold] = own
+                seeds.setdefault(name, {}).setdefault(str(cfg["seed"]), {})[fold] = varst_methods(unit["methods"])
             for seed, rows in unit.get("varst_seeds", {}).items():
                 seeds.setdefault(name, {}).setdefault(seed, {})[fold] = rows
             genes = unit["genes"]
