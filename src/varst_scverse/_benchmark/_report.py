@@ -343,7 +343,7 @@ def seed_table(doc: dict) -> list[str]:
         cells = [_f(b["seeds"][s]["mean_pearson"]) if s in b["seeds"] else "–" for s in names]
         cov = " / ".join(_f(b["seeds"][s]["coverage_90"], 2) for s in names if s in b["seeds"])
         lines.append(
-            f"| {name} | {len(b['folds'])} | {' | '.join(cells)} | {_f(b['mean_pearson_over_seeds'])} | "
+            f"| {name} | {', '.join(b['folds'])} | {' | '.join(cells)} | {_f(b['mean_pearson_over_seeds'])} | "
             f"{b['best_baseline']} {_f(b['best_baseline_mean_pearson'])} | {_signed(b['delta_over_seeds'])} | "
             f"{_f(b['largest_seed_difference_per_fold'])} | {cov} |"
         )
