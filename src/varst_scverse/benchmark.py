@@ -258,15 +258,16 @@ def report_only(
             if "|ablation|" in key:
                 store["units"].setdefault(key, unit)
     for other in merge_varst or []:
-        for mine, unit in _varst_units(other, name, store):
+        for mine, unit in _varst_units(other, _stored(other, name), store):
             if "varst" in mine["methods"]:
                 continue
             rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots") if k in unit}
             rows["methods"] = _report.varst_methods(unit["methods"])
             _run._add_varst(mine, rows)
     for other in merge_seeds or []:
-        seed = _other_seed(other, name, cfg)
-        for mine, unit in _varst_units(other, name, store):
+        theirs = _stored(other, name)
+        seed = _other_seed(other, theirs, cfg)
+        for mine, unit in _varst_units(other, theirs, store):
             mine.setdefault("varst_seeds", {})[str(seed)] = _report.varst_methods(unit["methods"])
     raw = {
         "config": cfg,
@@ -293,12 +294,13 @@ def _stored(path: str | Path, name: str) -> dict:
     return json.loads((path / name if path.is_dir() else path).read_text())
 
 
-def _varst_units(other: str | Path, name: str, store: dict):
+def _varst_units(other: str | Path, theirs: dict, store: dict):
     """Pairs ``(this run's unit, the other run's unit)`` of every fold unit where the other run has VARST rows.
 
-    Refuses a unit whose genes differ from this run's: its scores would not be comparable.
+    ``theirs`` is the other run's store, read from ``other`` (named in errors). Refuses a unit whose genes differ from
+    this run's: its scores would not be comparable.
     """
-    for key, unit in _stored(other, name)["units"].items():
+    for key, unit in theirs["units"].items():
         mine = store["units"].get(key)
         if key.count("|") != 1 or mine is None or "varst" not in unit.get("methods", {}):
             continue
@@ -311,9 +313,9 @@ def _varst_units(other: str | Path, name: str, store: dict):
 _SEED_RUN_SETTINGS = ("stage1_epochs", "stage1_max_steps", "stage2_epochs", "n_samples", "quick")
 
 
-def _other_seed(other: str | Path, name: str, cfg: dict) -> int:
-    """The seed of a run to merge as another seed, after checking it differs only in the seed."""
-    fp = _stored(other, name).get("fingerprint") or {}
+def _other_seed(other: str | Path, theirs: dict, cfg: dict) -> int:
+    """The seed of a run to merge as another seed (its store ``theirs``), after checking it differs only in the seed."""
+    fp = theirs.get("fingerprint") or {}
     if "seed" not in fp:
         raise ValueError(f"{other}: the store records no run settings (fingerprint); it cannot be merged as a seed.")
     if int(fp["seed"]) == int(cfg["seed"]):
