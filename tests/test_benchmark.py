@@ -198,7 +198,7 @@ def test_report_only_merges_varst_rows_of_other_runs(quick_run, tmp_path):
 def test_report_only_merges_other_seeds(quick_run, tmp_path):
     import shutil
 
-    from varst_scverse._benchmark._report import NOT_BASELINES
+    from varst_scverse._benchmark._report import is_baseline
     from varst_scverse.benchmark import report_only
 
     out, doc, cache = quick_run
@@ -223,7 +223,7 @@ def test_report_only_merges_other_seeds(quick_run, tmp_path):
     best = max(
         (r["mean_pearson"], m)
         for m, r in methods.items()
-        if m not in NOT_BASELINES and r.get("mean_pearson") is not None and np.isfinite(r["mean_pearson"])
+        if is_baseline(m) and r.get("mean_pearson") is not None and np.isfinite(r["mean_pearson"])
     )
     assert block["best_baseline"] == best[1]
     assert block["delta_over_seeds"] == pytest.approx(r0 + 0.025 - best[0])
@@ -269,3 +269,53 @@ def test_report_only_keeps_speed_md_without_speed_measurements(quick_run, tmp_pa
     (out2 / "speed.md").write_text("# Speed\n\nan earlier run's table\n")
     report_only(out2, cache)
     assert (out2 / "speed.md").read_text() == "# Speed\n\nan earlier run's table\n"
+
+
+def test_wider_panel_is_scored_on_the_gene_sets_inside_it():
+    """A VARST fitted on top-250 is also scored on top-50, from the same predictions, and reported in that split."""
+    from types import SimpleNamespace
+
+    from varst_scverse._benchmark._report import build_json, is_baseline
+    from varst_scverse._benchmark._run import _score, _varst_rows, panel_subsets
+
+    gsets = {"top50": ["g2", "g0"], "top250": ["g0", "g1", "g2", "g3"], "other": ["g0", "x"]}
+    assert panel_subsets(gsets, "top250") == {"top50": ["g2", "g0"]}
+    assert panel_subsets(gsets, "top50") == {}
+    rng = np.random.default_rng(0)
+    truth = rng.normal(size=(40, 4))
+    pred = truth + rng.normal(size=(40, 4))
+    prefixes = np.stack([pred * 0.5, pred])
+    samples = pred[None] + rng.normal(size=(8, 40, 4))
+    fit = {
+        "pred": {"pred": pred, "prefixes": prefixes, "samples": samples},
+        "model": SimpleNamespace(module=SimpleNamespace(has_probe=False)),
+        "secs": {},
+        "train": SimpleNamespace(n_obs=40),
+    }
+    job = {
+        "key": "cross_B4_top250_log1p|B4",
+        "truth": truth,
+        "genes": gsets["top250"],
+        "geneset": "top250",
+        "subsets": panel_subsets(gsets, "top250"),
+    }
+    rows = _varst_rows(fit, job, None, None)
+    sub = rows["subsets"]["top50"]
+    assert sub["from"] == "top250"
+    idx = [2, 0]
+    expect = _score(truth[:, idx], pred[:, idx], samples[..., idx], ["g2", "g0"])
+    assert sub["methods"]["varst"]["mean_pearson"] == pytest.approx(expect["mean_pearson"])
+    assert sub["methods"]["varst"]["coverage_90"] == pytest.approx(expect["coverage_90"])
+    assert sub["methods"]["varst"]["mean_pearson"] != pytest.approx(rows["methods"]["varst"]["mean_pearson"])
+    # the report puts it into the top-50 split as varst_top250, which is not a baseline
+    base = {"mean_pearson": 0.1}
+    units = {
+        "cross_B4_top250_log1p|B4": {"genes": gsets["top250"], "methods": {"ridge_cv": base, **rows["methods"]}},
+        "cross_B4_top50_log1p|B4": {"genes": gsets["top50"], "methods": {"ridge_cv": base}},
+    }
+    units["cross_B4_top250_log1p|B4"]["subsets"] = rows["subsets"]
+    cfg = {"seed": 0, "stage1_epochs": 1, "stage2_epochs": 1, "n_samples": 8, "quick": False, "varst_genesets": []}
+    raw = {"config": cfg, "units": units, "seconds": 1.0, "peak_rss_gb": 0.1}
+    block = build_json(raw, "cmd", "today")["splits"]["cross_B4_top50_log1p"]
+    assert block["varst_top250"]["mean_pearson"] == pytest.approx(expect["mean_pearson"])
+    assert not is_baseline("varst_top250") and is_baseline("ridge_cv") and not is_baseline("depth_oracle")

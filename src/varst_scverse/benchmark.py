@@ -261,7 +261,7 @@ def report_only(
         for mine, unit in _varst_units(other, _stored(other, name), store):
             if "varst" in mine["methods"]:
                 continue
-            rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots") if k in unit}
+            rows = {k: unit[k] for k in ("varst_seconds", "tokenizer_spots", "subsets") if k in unit}
             rows["methods"] = _report.varst_methods(unit["methods"])
             _run._add_varst(mine, rows)
     for other in merge_seeds or []:

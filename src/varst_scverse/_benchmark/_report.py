@@ -14,6 +14,8 @@ from . import _data as D
 METHOD_ORDER: tuple[str, ...] = (
     "varst",
     "varst_transformer",
+    "varst_top250",
+    "varst_top250_transformer",
     "ridge_cv",
     "ridge",
     "mlp",
@@ -25,8 +27,15 @@ METHOD_ORDER: tuple[str, ...] = (
     "mean",
     "depth_oracle",
 )
-#: not competitors: the yardstick that sees the test spots' depth, VARST and its transformer alone
-NOT_BASELINES = {"varst", "varst_transformer", "varst_ridge_avg", "depth_oracle"}
+#: not competitors: the yardstick that sees the test spots' depth, and every VARST row (``varst*``)
+NOT_BASELINES = {"depth_oracle"}
+
+
+def is_baseline(method: str) -> bool:
+    """Whether ``method`` is a competitor of VARST (not a VARST row, not the depth oracle, not a private key)."""
+    return not method.startswith(("varst", "_")) and method not in NOT_BASELINES
+
+
 _STD_KEYS = ("mean_pearson", "median_pearson", "frac_genes_r_gt_0.3", "mse", "mae", "coverage_90")
 
 
@@ -138,9 +147,7 @@ def _seed_block(seeds: dict[str, dict[str, dict]], methods: dict[str, dict[str, 
             "per_fold_mean_pearson": {f: varst_rows[f].get("mean_pearson") for f in folds},
         }
     baselines = {
-        m: _fold_mean(rows, folds)
-        for m, rows in methods.items()
-        if m not in NOT_BASELINES and all(f in rows for f in folds)
+        m: _fold_mean(rows, folds) for m, rows in methods.items() if is_baseline(m) and all(f in rows for f in folds)
     }
     baselines = {m: v for m, v in baselines.items() if np.isfinite(v)}
     best = max(baselines, key=baselines.get) if baselines else None
@@ -175,6 +182,7 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
     abl: dict[str, dict[str, dict[str, dict[str, dict]]]] = {}
     genes_n: dict[str, list[int]] = {}
     seeds: dict[str, dict[str, dict[str, dict]]] = {}  # split → seed → fold → VARST rows
+    subsets: dict[str, dict[str, dict[str, dict]]] = {}  # split → varst_<panel> method → fold → row
     for key, unit in raw["units"].items():
         parts = key.split("|")
         name, fold = parts[0], parts[1]
@@ -185,12 +193,21 @@ def build_json(raw: dict[str, Any], command: str, started: str) -> dict[str, Any
                 seeds.setdefault(name, {}).setdefault(str(cfg["seed"]), {})[fold] = varst_methods(unit["methods"])
             for seed, rows in unit.get("varst_seeds", {}).items():
                 seeds.setdefault(name, {}).setdefault(seed, {})[fold] = rows
+            for sub, entry in unit.get("subsets", {}).items():
+                # a wider panel's VARST read on this gene set: method "varst_<panel>" of the smaller set's split
+                sub_name = name.replace(f"_{entry['from']}_", f"_{sub}_", 1)
+                for method, row in entry["methods"].items():
+                    wide = method.replace("varst", f"varst_{entry['from']}", 1)
+                    subsets.setdefault(sub_name, {}).setdefault(wide, {})[fold] = row
             genes = unit["genes"]
             genes_n.setdefault(name, []).append(len(genes) if isinstance(genes, list) else int(genes.split()[0]))
         else:
             seed = parts[3]
             for variant, row in unit.items():
                 abl.setdefault(name, {}).setdefault(variant, {}).setdefault(seed, {})[fold] = row
+    for name, methods in subsets.items():
+        if name in per:  # only where the smaller gene set's own unit (its baselines) exists
+            per[name].update(methods)
     splits: dict[str, Any] = {}
     for name in sorted(per, key=_split_sort):
         methods = {m: _agg(per[name][m]) for m in _ordered(per[name])}
@@ -270,11 +287,7 @@ def _ordered(methods) -> list[str]:
 
 def best_baseline(block: dict[str, Any], key: str = "mean_pearson") -> tuple[str, dict]:
     """The baseline with the highest ``key`` (VARST, the VARST+ridge average and the depth oracle excluded)."""
-    cands = [
-        (m, r)
-        for m, r in block.items()
-        if m not in NOT_BASELINES and not m.startswith("_") and r.get(key) is not None and np.isfinite(r[key])
-    ]
+    cands = [(m, r) for m, r in block.items() if is_baseline(m) and r.get(key) is not None and np.isfinite(r[key])]
     return max(cands, key=lambda mr: mr[1][key])
 
 

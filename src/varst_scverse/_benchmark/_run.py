@@ -226,6 +226,7 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
                     key = f"{split}_{gname}_{target}|{fold.test}"
                     truth = D.truth(adata, fold, genes, target)
                     job = {"key": key, "fold": fold, "genes": genes, "target": target, "truth": truth, "query": query}
+                    job.update(geneset=gname, subsets=panel_subsets(gsets, gname))
                     jobs[(split, fold, gname, target)] = job
                     if store.has(key):
                         continue
@@ -329,20 +330,65 @@ def _run(cfg: BenchConfig, log, t_start: float) -> dict[str, Any]:
     }
 
 
-def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfig) -> dict[str, Any]:
-    """The unit entries of a fitted default VARST: its scores, its transformer alone, seconds, spots."""
-    p, truth, genes = fit["pred"], job["truth"], job["genes"]
-    row = _score(truth, p["pred"], p.get("samples"), genes)
-    row["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in p["prefixes"]]
+def panel_subsets(gsets: dict[str, list[str]], gname: str) -> dict[str, list[str]]:
+    """The fold's other gene sets that are smaller than ``gname``'s and lie inside it (top-50 inside top-250).
+
+    A VARST trained on the larger panel is also scored on each of them: the model of the wider panel, read on fewer
+    genes (``varst_top250`` in the top-50 splits).
+    """
+    genes = set(gsets[gname])
+    return {
+        name: list(sub)
+        for name, sub in gsets.items()
+        if name != gname and len(sub) < len(genes) and genes.issuperset(sub)
+    }
+
+
+def _varst_scores(truth, point, prefixes, samples, genes, alone=None, alone_prefixes=None) -> dict[str, dict]:
+    """``varst`` (and ``varst_transformer`` when ``alone`` is given) rows with their per-scale prefix scores."""
+    row = _score(truth, point, samples, genes)
+    row["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in prefixes]
     methods = {"varst": row}
+    if alone is not None:
+        methods["varst_transformer"] = _score(truth, alone, None, genes)
+        methods["varst_transformer"]["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in alone_prefixes]
+    return methods
+
+
+def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfig) -> dict[str, Any]:
+    """The unit entries of a fitted default VARST: its scores, its transformer alone, seconds, spots.
+
+    ``subsets``: the same predictions scored on each smaller gene set of the fold inside this one (see
+    :func:`panel_subsets`), as ``{name: {"from": this gene set, "methods": rows}}``.
+    """
+    p, truth, genes = fit["pred"], job["truth"], job["genes"]
+    alone = alone_pre = None
     if fit["model"].module.has_probe:
         # the model's default blends a ridge probe in (var_config["ridge_blend"]); the transformer on its own:
-        alone, pre = fit["model"].predict_expression(
+        alone, alone_pre = fit["model"].predict_expression(
             job["query"], n_samples=0, return_prefixes=True, add_to_adata=False, ridge_blend=0.0
         )
-        methods["varst_transformer"] = _score(truth, alone, None, genes)
-        methods["varst_transformer"]["prefix_mean_pearson"] = [_score(truth, x)["mean_pearson"] for x in pre]
-    return {"methods": methods, "varst_seconds": fit["secs"], "tokenizer_spots": int(fit["train"].n_obs)}
+    methods = _varst_scores(truth, p["pred"], p["prefixes"], p.get("samples"), genes, alone, alone_pre)
+    out = {"methods": methods, "varst_seconds": fit["secs"], "tokenizer_spots": int(fit["train"].n_obs)}
+    subsets = {}
+    for name, sub in (job.get("subsets") or {}).items():
+        idx = np.array([genes.index(g) for g in sub])
+        samples = p.get("samples")
+        subsets[name] = {
+            "from": job["geneset"],
+            "methods": _varst_scores(
+                truth[:, idx],
+                p["pred"][:, idx],
+                p["prefixes"][..., idx],
+                None if samples is None else samples[..., idx],
+                sub,
+                None if alone is None else alone[:, idx],
+                None if alone_pre is None else alone_pre[..., idx],
+            ),
+        }
+    if subsets:
+        out["subsets"] = subsets
+    return out
 
 
 def _add_varst(unit: dict[str, Any], rows: dict[str, Any]) -> None:
