@@ -275,7 +275,7 @@ def test_wider_panel_is_scored_on_the_gene_sets_inside_it():
     """A VARST fitted on top-250 is also scored on top-50, from the same predictions, and reported in that split."""
     from types import SimpleNamespace
 
-    from varst_scverse._benchmark._report import build_json, is_baseline
+    from varst_scverse._benchmark._report import build_json, is_baseline, panel_table
     from varst_scverse._benchmark._run import _score, _varst_rows, panel_subsets
 
     gsets = {"top50": ["g2", "g0"], "top250": ["g0", "g1", "g2", "g3"], "other": ["g0", "x"]}
@@ -316,6 +316,9 @@ def test_wider_panel_is_scored_on_the_gene_sets_inside_it():
     units["cross_B4_top250_log1p|B4"]["subsets"] = rows["subsets"]
     cfg = {"seed": 0, "stage1_epochs": 1, "stage2_epochs": 1, "n_samples": 8, "quick": False, "varst_genesets": []}
     raw = {"config": cfg, "units": units, "seconds": 1.0, "peak_rss_gb": 0.1}
-    block = build_json(raw, "cmd", "today")["splits"]["cross_B4_top50_log1p"]
+    doc = build_json(raw, "cmd", "today")
+    block = doc["splits"]["cross_B4_top50_log1p"]
     assert block["varst_top250"]["mean_pearson"] == pytest.approx(expect["mean_pearson"])
+    (line,) = [x for x in panel_table(doc) if x.startswith("| cross_B4_top50_log1p")]
+    assert f"top250: {expect['mean_pearson']:.3f}" in line and "ridge_cv 0.100" in line
     assert not is_baseline("varst_top250") and is_baseline("ridge_cv") and not is_baseline("depth_oracle")

@@ -885,3 +885,24 @@ def test_checkpoint_without_probe_buffers_loads_as_transformer_alone(trained, qu
     with torch.inference_mode():
         got = module.generate(b["histology"], b["coords"], b.get("neighbours"))["expression"][0].numpy()
     np.testing.assert_allclose(got, m.predict_expression(query, n_samples=0, ridge_blend=0.0, add_to_adata=False))
+
+
+def test_generation_batches_shrink_for_wide_gene_panels(trained, query, monkeypatch):
+    from varst_scverse.model import _memory
+    from varst_scverse.model._varst import _spots_per_batch
+
+    # 512 sequences of 10,000 genes would need ~13 GB of feature maps: capped under the 2 GB budget
+    fit = _memory.generation_sequences_that_fit(10_000, 64)
+    assert 0 < fit < 512 and fit * 10_000 * 64 * 4 * _memory._MAPS_GENERATION <= _memory.GENERATION_BUDGET_BYTES
+    assert _memory.generation_sequences_that_fit(250, 64) > 512  # small panels keep the asked batch
+    model = trained.model
+    assert _spots_per_batch(512, 8, model.module) == 64
+    expected = model.predict_expression(query, n_samples=0, add_to_adata=False)
+    # a budget of 3 sequences: 3 spots per batch without sampling, 1 with 4 draws; the same predictions
+    per_seq = model.module.num_genes * model.module.vqvae_config["embed_dim"] * 4 * _memory._MAPS_GENERATION
+    monkeypatch.setattr(_memory, "GENERATION_BUDGET_BYTES", 3 * per_seq)
+    assert _spots_per_batch(512, 1, model.module) == 3 and _spots_per_batch(512, 4, model.module) == 1
+    np.testing.assert_allclose(
+        model.predict_expression(query, n_samples=0, add_to_adata=False), expected, rtol=1e-5, atol=1e-6
+    )
+    assert model.predict_samples(query, n_samples=4).shape == (4, query.n_obs, model.module.num_genes)

@@ -6,6 +6,12 @@ quantiser at every scale, decoder) for the backward pass, so the cost grows with
 size. The factors come from measured peaks of the ``cpu`` preset (``embed_dim`` 64) on CPU, fp32, less the model and
 optimiser: 11–19 kB per gene and spot in stage 1 (G = 250–10,232; batch 256 × 10,232 genes was killed on a 24 GB
 machine) and about 9 kB in stage 2 with the free-roll-out decode loss (G = 2,000).
+
+Generation (prediction, the noise calibration) keeps about 11 such maps per generated sequence without gradients:
+2.6–3.1 kB per gene and sequence (measured, G = 2,000 and 10,000), so 512 sequences of 10,000 genes peak near 13 GB.
+Its batches are capped to stay under :data:`GENERATION_BUDGET_BYTES` (with ``embed_dim`` 64, 512 sequences fit up
+to 1,365 genes; 10,000 genes go 69 at a time: 1.8 GB instead of 6.5 GB for 256 sequences,
+``benchmarks/results/generation_memory.md``).
 """
 
 from __future__ import annotations
@@ -18,6 +24,10 @@ from ._validation import warn_user
 _MAPS_PER_SPOT = {1: 80, 2: 40}
 #: stage 2 without the auxiliary decode loss keeps no decoder activations
 _MAPS_STAGE2_NO_DECODE = 8
+#: feature maps alive at once while generating and decoding one sequence (measured 10.3–12.0, rounded up)
+_MAPS_GENERATION = 12
+#: memory one generation batch may take for its feature maps
+GENERATION_BUDGET_BYTES = 2 * 1024**3
 
 
 def training_batch_bytes(stage: int, batch_size: int, n_genes: int, embed_dim: int, aux_decode: bool = True) -> int:
@@ -36,6 +46,16 @@ def training_batch_bytes(stage: int, batch_size: int, n_genes: int, embed_dim: i
     """
     maps = _MAPS_PER_SPOT[stage] if stage == 1 or aux_decode else _MAPS_STAGE2_NO_DECODE
     return int(batch_size) * int(n_genes) * int(embed_dim) * 4 * maps
+
+
+def generation_sequences_that_fit(n_genes: int, embed_dim: int, budget: int | None = None) -> int:
+    """Sequences one generation batch may hold so that its ``[genes, embed_dim]`` maps stay within ``budget``.
+
+    ``budget`` defaults to :data:`GENERATION_BUDGET_BYTES`.
+    """
+    budget = GENERATION_BUDGET_BYTES if budget is None else budget
+    per_sequence = int(n_genes) * int(embed_dim) * 4 * _MAPS_GENERATION
+    return max(1, int(budget) // per_sequence)
 
 
 def available_memory_bytes() -> int | None:

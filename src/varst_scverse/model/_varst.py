@@ -25,7 +25,7 @@ from .._targets import TARGET_KINDS, expression_target
 from ..module import TwoStageVARST
 from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
 from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
-from ._memory import warn_if_batch_too_large
+from ._memory import generation_sequences_that_fit, warn_if_batch_too_large
 from ._training import (
     BestWeightsInMemory,
     EpochWeightAverage,
@@ -566,7 +566,7 @@ class VARST:
             rows = np.sort(np.random.default_rng(seed).choice(rows, _CALIBRATION_MAX_SPOTS, replace=False))
         gen = torch.Generator().manual_seed(seed)
         resid2, spread = [], []
-        for chunk in _chunks(rows, _spots_per_batch(512, n_samples)):
+        for chunk in _chunks(rows, _spots_per_batch(512, n_samples, mod)):
             args = [torch.as_tensor(arrays["histology"][chunk]), torch.as_tensor(arrays["coords"][chunk])]
             args.append(torch.as_tensor(arrays["neighbours"][chunk]) if "neighbours" in arrays else None)
             point = mod.generate(*args, decode="expected", ridge_blend=0)["expression"][0]
@@ -707,7 +707,9 @@ class VARST:
         batch_size
             Sequences generated at a time: ``batch_size // n_samples`` spots per batch when sampling (each spot is
             generated ``n_samples`` times), ``batch_size`` spots otherwise. Memory scales with it, not with the number
-            of spots.
+            of spots. Capped so that a batch's feature maps stay under about 2 GB (every sequence holds a few
+            ``genes x embed_dim`` maps: 512 sequences of 10,000 genes would need about 13 GB); with the ``cpu`` preset,
+            512 sequences fit for up to 1,365 genes.
         add_to_adata
             Write ``layers['varst_predicted']`` and ``layers['varst_uncertainty']`` (NaN for genes the model does
             not predict) and ``obsm['varst_tokens']``; when the query lacks some model genes the predictions go to
@@ -767,7 +769,7 @@ class VARST:
             "use_cache": use_cache,
             "ridge_blend": ridge_blend,
         }
-        for at in _chunks(keep, _spots_per_batch(batch_size, n_samples)):
+        for at in _chunks(keep, _spots_per_batch(batch_size, n_samples, self.module)):
             b = self._batch_tensors(sp, rows[at])
             args = (b["histology"], b["coords"], b.get("neighbours"))
             samples = None
@@ -836,7 +838,7 @@ class VARST:
         self.module.eval()
         parts = []
         with torch.inference_mode():
-            for chunk in _chunks(np.arange(adata.n_obs), _spots_per_batch(batch_size, n_samples)):
+            for chunk in _chunks(np.arange(adata.n_obs), _spots_per_batch(batch_size, n_samples, self.module)):
                 b = self._batch_tensors(sp, chunk)
                 out = self.module.generate(
                     b["histology"],
@@ -1015,9 +1017,14 @@ class _RowFiller:
         self.arrays[name][at] = values
 
 
-def _spots_per_batch(batch_size: int, n_samples: int) -> int:
-    """Spots per generation batch when each spot is generated ``n_samples`` times (memory ∝ sequences)."""
-    return max(1, int(batch_size) // max(1, int(n_samples)))
+def _spots_per_batch(batch_size: int, n_samples: int, module: TwoStageVARST) -> int:
+    """Spots per generation batch when each spot is generated ``n_samples`` times (memory ∝ sequences).
+
+    ``batch_size`` sequences, fewer when the module's gene panel would take more than
+    :data:`~varst_scverse.model._memory.GENERATION_BUDGET_BYTES` of feature maps at that size.
+    """
+    fit = generation_sequences_that_fit(module.num_genes, module.vqvae_config["embed_dim"])
+    return max(1, min(int(batch_size), fit) // max(1, int(n_samples)))
 
 
 def _chunks(rows: np.ndarray, size: int):
