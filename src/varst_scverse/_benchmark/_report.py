@@ -539,7 +539,7 @@ def her2st_md(doc: dict) -> str:
             "## VARST fitted on a wider gene panel",
             "",
             "The top-250 model of the same fold and target, its predictions read on the smaller gene set (top-50 lies "
-            "inside top-250): one model serves both, and the extra genes are extra training signal. Means over the "
+            "inside top-250), to see whether fitting more genes helps or hurts the ones a user wants. Means over the "
             "folds the wider model ran on; the best baseline on the same folds.",
             "",
             *panel,
