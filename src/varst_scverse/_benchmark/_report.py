@@ -123,6 +123,12 @@ def varst_methods(methods: dict[str, dict]) -> dict[str, dict]:
     return {m: r for m, r in methods.items() if m.startswith("varst")}
 
 
+def _best(scores: dict[str, float]) -> str | None:
+    """The method with the highest finite score (None when there is none)."""
+    finite = {m: v for m, v in scores.items() if np.isfinite(v)}
+    return max(finite, key=finite.get) if finite else None
+
+
 def _fold_mean(rows: dict[str, dict], folds: list[str], key: str = "mean_pearson") -> float:
     vals = [rows[f].get(key) for f in folds]
     vals = [v for v in vals if v is not None and np.isfinite(v)]
@@ -149,8 +155,7 @@ def _seed_block(seeds: dict[str, dict[str, dict]], methods: dict[str, dict[str, 
     baselines = {
         m: _fold_mean(rows, folds) for m, rows in methods.items() if is_baseline(m) and all(f in rows for f in folds)
     }
-    baselines = {m: v for m, v in baselines.items() if np.isfinite(v)}
-    best = max(baselines, key=baselines.get) if baselines else None
+    best = _best(baselines)
     mean = float(np.mean([r["mean_pearson"] for r in per_seed.values()]))
     spread = [float(np.ptp([r["per_fold_mean_pearson"][f] for r in per_seed.values()])) for f in folds]
     return {
@@ -365,8 +370,7 @@ def panel_table(doc: dict) -> list[str]:
         for m in _panel_methods(block):
             folds = sorted(block[m]["per_fold_mean_pearson"])
             base = {k: _mean_on(r, folds) for k, r in block.items() if is_baseline(k)}
-            base = {k: v for k, v in base.items() if np.isfinite(v)}
-            bname = max(base, key=base.get)
+            bname = _best(base)
             wide = _mean_on(block[m], folds)
             every = len(folds) == len(block["ridge_cv"]["per_fold_mean_pearson"])
             label = name if every else f"{name} ({', '.join(folds)})"

@@ -373,19 +373,9 @@ def _varst_rows(fit: dict[str, Any], job: dict[str, Any], adata, cfg: BenchConfi
     subsets = {}
     for name, sub in (job.get("subsets") or {}).items():
         idx = np.array([genes.index(g) for g in sub])
-        samples = p.get("samples")
-        subsets[name] = {
-            "from": job["geneset"],
-            "methods": _varst_scores(
-                truth[:, idx],
-                p["pred"][:, idx],
-                p["prefixes"][..., idx],
-                None if samples is None else samples[..., idx],
-                sub,
-                None if alone is None else alone[:, idx],
-                None if alone_pre is None else alone_pre[..., idx],
-            ),
-        }
+        arrays = (truth, p["pred"], p["prefixes"], p.get("samples"), alone, alone_pre)  # genes on the last axis
+        t, point, pre, samples, a, a_pre = (None if x is None else x[..., idx] for x in arrays)
+        subsets[name] = {"from": job["geneset"], "methods": _varst_scores(t, point, pre, samples, sub, a, a_pre)}
     if subsets:
         out["subsets"] = subsets
     return out
