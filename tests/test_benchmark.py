@@ -243,6 +243,47 @@ def test_report_only_merges_other_seeds(quick_run, tmp_path):
         report_only(out2, cache, merge_seeds=[path])
 
 
+def test_report_only_merges_ensemble_runs(quick_run, tmp_path):
+    import shutil
+
+    from varst_scverse._benchmark._report import ensemble_table
+    from varst_scverse.benchmark import report_only
+
+    out, doc, cache = quick_run
+    store = json.loads((cache / "partial_quick.json").read_text())
+    key, split = "cross_B4_top50_cp10k|B4", "cross_B4_top50_cp10k"
+    methods = store["units"][key]["methods"]
+    other = json.loads(json.dumps(store))
+    other["fingerprint"]["ensemble_size"] = 3
+    theirs = other["units"][key]["methods"]
+    theirs["varst"]["mean_pearson"] = methods["varst"]["mean_pearson"] + 0.02
+    theirs["varst_transformer"]["mean_pearson"] = methods["varst_transformer"]["mean_pearson"] + 0.04
+    path = tmp_path / "ens3.json"
+    path.write_text(json.dumps(other))
+    out2 = tmp_path / "out"
+    shutil.copytree(out, out2)
+    merged = report_only(out2, cache, merge_ensembles=[path])
+    block = merged["splits"][split]
+    assert block["varst_ens3"]["mean_pearson"] == pytest.approx(methods["varst"]["mean_pearson"] + 0.02)
+    assert block["varst_ens3_transformer"]["mean_pearson"] == pytest.approx(
+        methods["varst_transformer"]["mean_pearson"] + 0.04
+    )
+    assert block["varst"]["mean_pearson"] == pytest.approx(methods["varst"]["mean_pearson"])  # this run's own
+    (line,) = [x for x in ensemble_table(merged) if x.startswith(f"| {split} ")]
+    assert f"3 members: {block['varst_ens3']['mean_pearson']:.3f}" in line
+    assert "## VARST with a stage-2 ensemble" in (out2 / "her2st.md").read_text()
+    assert json.loads((cache / "partial_quick.json").read_text()) == store
+    # a one-transformer run, or another seed: refused
+    other["fingerprint"]["ensemble_size"] = 1
+    path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="ensemble_size > 1"):
+        report_only(out2, cache, merge_ensembles=[path])
+    other["fingerprint"].update(ensemble_size=3, seed=store["fingerprint"]["seed"] + 1)
+    path.write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="seed"):
+        report_only(out2, cache, merge_ensembles=[path])
+
+
 def test_parallel_units_respect_the_time_budget():
     import time
     from types import SimpleNamespace

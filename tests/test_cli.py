@@ -135,6 +135,26 @@ def test_predict_and_info(trained, toy_h5ad, tmp_path, capsys):
     assert info["preset"] == "cpu" and info["n_genes"] == N_GENES
 
 
+def test_stage2_ensemble_from_the_command_line(trained, toy_h5ad, tmp_path, capsys):
+    ckpt = str(_stage_dir(trained, 1) / "best_vqvae.ckpt")
+    run = _run(tmp_path, toy_h5ad, 2, 2, "--stage1_ckpt", ckpt, "--ensemble_size", "2")
+    assert run["global_step"] == 2 * 3 * 2  # each member: 2 epochs of 3 batches
+    d = _stage_dir(tmp_path, 2)
+    assert not (d / "checkpoints" / "stage2" / "last.ckpt").exists()  # one transformer per Lightning file: none kept
+    module = TwoStageVARST.load_complete_model(d / "best_model.ckpt")
+    assert module.n_members == 2 and any(k.startswith("extra_members.0.var.") for k in module.state_dict())
+    capsys.readouterr()
+    assert main(["info", str(d / "model")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["ensemble_size"] == 2 and info["epochs_trained"] == {"stage2": 2}
+    rc = main(["train", "--dataset", str(toy_h5ad), "--training_stage", "2", "--stage1_ckpt", ckpt, "--epochs", "1",
+               "--output", str(tmp_path), *TINY, "--ensemble_size", "2", "--resume"])  # fmt: skip
+    assert rc == 2 and "keeps no Lightning checkpoints" in capsys.readouterr().err
+    rc = main(["train", "--dataset", str(toy_h5ad), "--training_stage", "2", "--stage1_ckpt", ckpt, "--epochs", "1",
+               "--output", str(tmp_path), *TINY, "--ensemble_size", "0"])  # fmt: skip
+    assert rc == 2 and "--ensemble_size must be >= 1" in capsys.readouterr().err
+
+
 def test_predict_refuses_a_stage1_model(trained, toy_h5ad, tmp_path, capsys):
     rc = main(["predict", "--model", str(_stage_dir(trained, 1)), "--adata", str(toy_h5ad), "--out",
                str(tmp_path / "x.h5ad")])  # fmt: skip

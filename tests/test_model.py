@@ -428,6 +428,48 @@ def test_stage2_history(trained):
     assert h["train_ce_loss"].iloc[-1] < h["train_ce_loss"].iloc[0]
 
 
+def test_stage2_ensemble_trains_each_member_and_averages_them(trained, query, tmp_path):
+    a = trained.adata
+    one = VARST(a, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    ens = VARST(a, preset="cpu", vqvae_config=VQ, var_config={**VAR, "ensemble_size": 3}, seed=0)
+    for m in (one, ens):
+        m.module.load_stage1(trained.stage1_dir / "model.safetensors")
+    with pytest.raises(ValueError, match="ensemble_size"):
+        ens.train(stage=2, max_epochs=2, save_checkpoints=True, default_root_dir=str(tmp_path), **FAST)
+    h1 = one.train(stage=2, max_epochs=8, **FAST)
+    h = ens.train(stage=2, max_epochs=8, **FAST)
+    assert h["member"].tolist() == [0] * 8 + [1] * 8 + [2] * 8
+    assert ens.history_["stage2"]["member"].nunique() == 3
+    # member 0 is trained exactly as the one-member model (same seed, split, batches); the others with seeds 1 and 2
+    np.testing.assert_allclose(h.loc[h["member"] == 0, "train_loss"], h1["train_loss"], rtol=1e-5)
+    assert not np.allclose(h.loc[h["member"] == 1, "train_loss"], h1["train_loss"])
+    point = ens.predict_expression(query, n_samples=0, add_to_adata=False, ridge_blend=0.0)
+    alone = one.predict_expression(query, n_samples=0, add_to_adata=False, ridge_blend=0.0)
+    np.testing.assert_allclose(_member_prediction(ens, query, 0), alone, rtol=1e-5, atol=1e-5)
+    mean = np.mean([_member_prediction(ens, query, k) for k in range(3)], axis=0)
+    np.testing.assert_allclose(point, mean, rtol=1e-5, atol=1e-5)
+    # persistence keeps every member
+    ens.save(tmp_path / "ens")
+    loaded = VARST.load(tmp_path / "ens", adata=a)
+    assert loaded.module.n_members == 3
+    np.testing.assert_array_equal(
+        loaded.predict_expression(query, n_samples=0, add_to_adata=False),
+        ens.predict_expression(query, n_samples=0, add_to_adata=False),
+    )
+
+
+def _member_prediction(model: VARST, query: ad.AnnData, k: int) -> np.ndarray:
+    """Expected-value prediction (transformer alone) of member ``k`` of an ensemble, through a one-member copy."""
+    one = VARST(model.adata, preset="cpu", vqvae_config=VQ, var_config=VAR, seed=0)
+    with model.module.member(k):
+        state = {n: v for n, v in model.module.state_dict().items() if not n.startswith("extra_members.")}
+    one.module.load_state_dict(state)
+    one.module.stage1_trained = one.module.stage2_trained = True
+    one.module.set_training_stage(2)
+    one.is_trained_ = {1: True, 2: True}
+    return one.predict_expression(query, n_samples=0, add_to_adata=False, ridge_blend=0.0)
+
+
 def test_get_model_info(trained):
     info = trained.model.get_model_info()
     for key in (

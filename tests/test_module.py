@@ -602,3 +602,96 @@ def test_resampling_matrices_survive_inference_mode():
     assert w.grad is not None and torch.isfinite(w.grad).all()
     ref = torch.nn.functional.adaptive_avg_pool1d(x.transpose(1, 2), 5).transpose(1, 2)
     torch.testing.assert_close(pool_genes(x, 5), ref)
+
+
+# --- stage-2 ensembles ---
+@pytest.fixture(scope="module")
+def ensemble(gen_module) -> TwoStageVARST:
+    """Three stage-2 members (random, distinct transformers) on ``gen_module``'s tokenizer."""
+    m = _module(seed=9, var={"ensemble_size": 3})
+    m.vqvae.load_state_dict(gen_module.vqvae.state_dict())
+    m.gene_order.copy_(gen_module.gene_order)
+    m.stage1_trained = True
+    m.set_training_stage(2)
+    return m.eval()
+
+
+def _single_member(ens: TwoStageVARST, k: int) -> TwoStageVARST:
+    """A one-member module holding member ``k`` of ``ens`` (and its tokenizer)."""
+    one = _module()
+    one.vqvae.load_state_dict(ens.vqvae.state_dict())
+    one.gene_order.copy_(ens.gene_order)
+    with ens.member(k):
+        one.condition.load_state_dict(ens.condition.state_dict())
+        one.var.load_state_dict(ens.var.state_dict())
+    return one.eval()
+
+
+def test_ensemble_members_are_distinct_and_the_swap_is_undone(ensemble):
+    before = {k: v.clone() for k, v in ensemble.state_dict().items()}
+    assert ensemble.n_members == 3 and ensemble.get_model_info()["ensemble_size"] == 3
+    weights = []
+    for k in range(3):
+        with ensemble.member(k):
+            weights.append(next(ensemble.var.parameters()).detach().clone())
+    assert not torch.equal(weights[0], weights[1]) and not torch.equal(weights[1], weights[2])
+    after = ensemble.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="member must lie in"):
+        with ensemble.member(3):
+            pass
+    with pytest.raises(ValueError, match="ensemble_size"):
+        _module(var={"ensemble_size": 0})
+
+
+def test_ensemble_point_prediction_is_the_members_mean(ensemble):
+    hist, xy = _condition(5)
+    out = ensemble.generate(hist, xy, decode="expected", return_prefixes=True)
+    singles = [
+        _single_member(ensemble, k).generate(hist, xy, decode="expected", return_prefixes=True) for k in range(3)
+    ]
+    mean = torch.stack([s["expression"] for s in singles]).mean(0)
+    torch.testing.assert_close(out["expression"], mean)
+    torch.testing.assert_close(out["prefix_expression"], torch.stack([s["prefix_expression"] for s in singles]).mean(0))
+    assert torch.equal(out["tokens"], singles[0]["tokens"])
+    assert not torch.allclose(singles[0]["expression"], mean)  # the members disagree, so the mean is not member 0
+
+
+def test_ensemble_draws_are_shared_out_among_the_members(ensemble):
+    hist, xy = _condition(4)
+    greedy = [_single_member(ensemble, k).generate(hist, xy, decode="greedy")["expression"][0] for k in range(3)]
+    for seed in range(3):
+        # top_k=1 makes each draw its member's greedy decode, so every draw says which member made it
+        draws = ensemble.generate(
+            hist, xy, decode="sample", n_samples=7, top_k=1, generator=torch.Generator().manual_seed(seed)
+        )
+        owner = [[k for k in range(3) if torch.allclose(d, greedy[k])] for d in draws["expression"]]
+        assert all(len(o) == 1 for o in owner), owner
+        counts = sorted(sum(o[0] == k for o in owner) for k in range(3))
+        assert counts == [2, 2, 3], counts
+    # a single draw does not always come from the first member
+    firsts = {
+        next(
+            k
+            for k in range(3)
+            if torch.allclose(
+                ensemble.generate(hist, xy, decode="sample", top_k=1, generator=torch.Generator().manual_seed(s))[
+                    "expression"
+                ][0],
+                greedy[k],
+            )
+        )
+        for s in range(12)
+    }
+    assert len(firsts) > 1
+
+
+def test_ensemble_checkpoint_round_trip(ensemble, tmp_path):
+    path = tmp_path / "ens.safetensors"
+    ensemble.save_complete_model(path)
+    loaded = TwoStageVARST.load_complete_model(path).eval()
+    assert loaded.n_members == 3
+    hist, xy = _condition(5)
+    torch.testing.assert_close(
+        loaded.generate(hist, xy)["expression"], ensemble.generate(hist, xy)["expression"], rtol=0, atol=0
+    )

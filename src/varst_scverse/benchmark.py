@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_samples", type=int, default=16, help="draws per spot for the 90%% interval")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--ensemble_size",
+        type=int,
+        default=1,
+        help="stage-2 members of every VARST fit (seeds seed, seed+1, ...; averaged); merge such a run into a report "
+        "with --merge_ensembles",
+    )
+    p.add_argument(
         "--tests", type=_csv, default=(), help="run only the folds with these test sections (e.g. B4,C3; default: all)"
     )
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the VARST fits (cpu, gpu, auto)")
@@ -152,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --report_only: add the VARST rows of a run with another --seed (same genes and training "
         "settings) as a second seed: the report gains a table of VARST per seed and the mean over seeds; repeatable",
     )
+    p.add_argument(
+        "--merge_ensembles",
+        action="append",
+        default=[],
+        help="with --report_only: add the VARST rows of a run with --ensemble_size K (same seed, genes and training "
+        "settings) as varst_ens<K>: the report gains a table of VARST with one and with K transformers; repeatable",
+    )
     p.add_argument("--note", action="append", default=[], help="a line for the report's notes (repeatable)")
     p.add_argument("--resume", action="store_true", help="reuse per-fold results of an interrupted identical run")
     p.add_argument(
@@ -173,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
             merge_ablations=args.merge_ablations,
             merge_varst=args.merge_varst,
             merge_seeds=args.merge_seeds,
+            merge_ensembles=args.merge_ensembles,
         )
         return 0
+    if args.ensemble_size < 1:
+        raise SystemExit(f"varst benchmark: --ensemble_size must be a positive integer, got {args.ensemble_size}.")
     cfg = BenchConfig(
         splits=args.splits,
         genesets=args.genesets,
@@ -183,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         detected10_splits=args.detected10_splits,
         targets=args.targets,
         seed=args.seed,
+        ensemble_size=args.ensemble_size,
         stage1_epochs=args.stage1_epochs,
         stage1_max_steps=args.stage1_max_steps,
         stage2_epochs=args.stage2_epochs,
@@ -230,6 +248,7 @@ def report_only(
     merge_ablations: list[str | Path] | None = None,
     merge_varst: list[str | Path] | None = None,
     merge_seeds: list[str | Path] | None = None,
+    merge_ensembles: list[str | Path] | None = None,
 ) -> dict:
     """Rewrite the three files from the stored per-fold results and the run facts of ``out/her2st.json``.
 
@@ -239,8 +258,10 @@ def report_only(
     VARST rows of other runs for the folds, gene sets and targets where this run has none (the baselines stay this
     run's; a unit whose genes differ is refused). ``merge_seeds``: stored results of runs with another ``--seed``
     and the same training settings; their VARST rows become further seeds of the units this run has (the report's
-    seed table: VARST per seed, the mean over seeds and the best baseline on the same folds). Say in a note where and
-    how they ran.
+    seed table: VARST per seed, the mean over seeds and the best baseline on the same folds). ``merge_ensembles``:
+    stored results of runs with ``--ensemble_size K`` (K > 1), the same seed and the same training settings; their
+    VARST rows become ``varst_ens<K>`` and ``varst_ens<K>_transformer`` beside this run's. Say in a note where and how
+    they ran.
     """
     import json
 
@@ -269,6 +290,13 @@ def report_only(
         seed = _other_seed(other, theirs, cfg)
         for mine, unit in _varst_units(other, theirs, store):
             mine.setdefault("varst_seeds", {})[str(seed)] = _report.varst_methods(unit["methods"])
+    for other in merge_ensembles or []:
+        theirs = _stored(other, name)
+        k = _ensemble_size(other, theirs, cfg)
+        for mine, unit in _varst_units(other, theirs, store):
+            for method, row in _report.varst_methods(unit["methods"]).items():
+                if method in ("varst", "varst_transformer"):
+                    mine["methods"][method.replace("varst", f"varst_ens{k}", 1)] = row
     raw = {
         "config": cfg,
         "units": store["units"],
@@ -313,6 +341,22 @@ def _varst_units(other: str | Path, theirs: dict, store: dict):
 _SEED_RUN_SETTINGS = ("stage1_epochs", "stage1_max_steps", "stage2_epochs", "n_samples", "quick")
 
 
+def _ensemble_size(other: str | Path, theirs: dict, cfg: dict) -> int:
+    """The stage-2 ensemble size of a run to merge as ``varst_ens<K>``, after checking its seed and settings."""
+    fp = theirs.get("fingerprint") or {}
+    k = int(fp.get("ensemble_size", 1))
+    if k < 2:
+        raise ValueError(f"{other}: not a run with --ensemble_size > 1; merge it with --merge_varst or --merge_seeds.")
+    _check_settings(
+        other,
+        fp,
+        cfg,
+        ("seed", *_SEED_RUN_SETTINGS),
+        "an ensemble is merged only when its first member is this run's model",
+    )
+    return k
+
+
 def _other_seed(other: str | Path, theirs: dict, cfg: dict) -> int:
     """The seed of a run to merge as another seed (its store ``theirs``), after checking it differs only in the seed."""
     fp = theirs.get("fingerprint") or {}
@@ -323,14 +367,16 @@ def _other_seed(other: str | Path, theirs: dict, cfg: dict) -> int:
             f"{other}: ran with seed {fp['seed']}, the seed of this report's run; merge runs of the same seed with "
             "--merge_varst."
         )
-    differ = [k for k in _SEED_RUN_SETTINGS if k in fp and fp[k] != cfg.get(k)]
+    _check_settings(other, fp, cfg, _SEED_RUN_SETTINGS, "only the seed may differ between seeds")
+    return int(fp["seed"])
+
+
+def _check_settings(other: str | Path, fp: dict, cfg: dict, keys, why: str) -> None:
+    """Refuse to merge the run ``other`` (fingerprint ``fp``) when one of ``keys`` differs from this report's run."""
+    differ = [k for k in keys if k in fp and fp[k] != cfg.get(k)]
     if differ:
         detail = ", ".join(f"{k} {fp[k]!r} vs {cfg.get(k)!r}" for k in differ)
-        raise ValueError(
-            f"{other}: trained with other settings than this report's run ({detail}); only the seed may "
-            "differ between seeds."
-        )
-    return int(fp["seed"])
+        raise ValueError(f"{other}: trained with other settings than this report's run ({detail}); {why}.")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,12 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
     o.add_argument("--preset", choices=("seed", "cpu"), default=None, help="default: seed on GPU, cpu on CPU")
     o.add_argument("--target", choices=("log1p", "cp10k"), default="log1p", help="expression target (stage 1)")
     o.add_argument("--seed", type=int, default=0, help="seed of weights, split and sampling")
+    o.add_argument(
+        "--ensemble_size",
+        type=int,
+        default=None,
+        help="stage 2: transformers trained with seeds seed, seed+1, ... and averaged (default: the preset's, 1)",
+    )
     o.add_argument("--vqvae_config", type=_json_dict, default=None, help=argparse.SUPPRESS)
     o.add_argument("--var_config", type=_json_dict, default=None, help=argparse.SUPPRESS)
     d = p.add_argument_group("data")
@@ -404,6 +410,14 @@ def _stage2_refusal(args: argparse.Namespace) -> CLIError:
     return CLIError(msg, code=2)
 
 
+def _var_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``--var_config`` plus ``--ensemble_size``."""
+    out = dict(args.var_config or {})
+    if args.ensemble_size is not None:
+        out["ensemble_size"] = args.ensemble_size
+    return out
+
+
 def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, Any]] | None, on_gpu: bool):
     """Register ``adata`` and build VARST; for stage 2 with the stage-1 checkpoint's configs, weights and genes."""
     import varst_scverse as varst
@@ -420,7 +434,7 @@ def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, 
             adata,
             preset=preset,
             vqvae_config=args.vqvae_config,
-            var_config=args.var_config,
+            var_config=_var_overrides(args),
             target=args.target,
             seed=args.seed,
         )
@@ -431,7 +445,7 @@ def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, 
         log.warning("--vqvae_config is ignored in stage 2: the tokenizer's configuration comes from %s", path)
     # the tokenizer is the checkpoint's; the transformer keeps the checkpoint's settings unless the preset changes
     var_cfg = dict(meta["var_config"]) if preset == ck_preset else {"vocab_size": meta["vqvae_config"]["vocab_size"]}
-    var_cfg.update(args.var_config or {})
+    var_cfg.update(_var_overrides(args))
     target = meta.get("target") or args.target
     if meta.get("target") and args.target != meta["target"]:
         log.info("target %r from the stage-1 checkpoint (not %r)", meta["target"], args.target)
@@ -463,7 +477,7 @@ def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, 
 
 
 class _StepRecorder(lpl.Callback):
-    """Record the run's optimizer steps (``trainer.global_step``) at its end.
+    """Record the run's optimizer steps (``trainer.global_step``) at its end, summed over an ensemble's members.
 
     Module-level so that ``ddp_spawn`` can pickle it; there the record stays in the spawned process (None here).
     """
@@ -472,7 +486,7 @@ class _StepRecorder(lpl.Callback):
         self.global_step: int | None = None
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: D102
-        self.global_step = int(trainer.global_step)
+        self.global_step = (self.global_step or 0) + int(trainer.global_step)
 
 
 def _row(history, i: int) -> dict[str, float]:
@@ -498,7 +512,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _stage2_refusal(args)
     if stage == 1 and args.stage1_ckpt:
         log.warning("--stage1_ckpt is only used by --training_stage 2; ignoring it")
-    for name in ("epochs", "batch_size", "accumulate_grad_batches"):
+    for name in ("epochs", "batch_size", "accumulate_grad_batches", "ensemble_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name} must be >= 1, got {value}.", code=2)
@@ -526,6 +540,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             stale = out_dir / "checkpoints" / f"stage{stage}" / name
             if stale.is_file():
                 stale.unlink()
+    # Lightning checkpoints hold one transformer: an ensemble's stage 2 is trained without them (its model is saved)
+    ensemble = stage == 2 and model.module.n_members > 1
+    if ensemble and resume is not None:
+        raise CLIError(
+            f"--resume: stage 2 of an ensemble ({model.module.n_members} transformers) keeps no Lightning checkpoints "
+            "to resume from; run it again without --resume.",
+            code=2,
+        )
     has_val = args.train_size < 1
     # stage 1 goes back to its best validation epoch; stage 2 keeps the average of its last epochs (VARST.train)
     restore_best = has_val and not args.debug and stage == 1  # a fast_dev_run writes no checkpoint
@@ -551,7 +573,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             default_root_dir=str(out_dir),
             callbacks=[recorder],
             ckpt_path=resume,
-            save_checkpoints=True,
+            save_checkpoints=not ensemble,
             restore_best=restore_best,
             **dev,
             **trainer_kwargs,

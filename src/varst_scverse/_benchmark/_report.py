@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 from pathlib import Path
 from typing import Any
 
@@ -359,27 +360,49 @@ def _mean_on(row: dict | None, folds: list[str]) -> float:
     return float(np.mean([pf[f] for f in folds]))
 
 
-def panel_table(doc: dict) -> list[str]:
-    """VARST fitted on the split's genes against VARST fitted on a wider panel and read on the same genes."""
+def _ensemble_methods(block: dict) -> list[str]:
+    """The ``varst_ens<K>`` rows of a split: VARST with K stage-2 members (``--ensemble_size``)."""
+    return [m for m in block if re.fullmatch(r"varst_ens\d+", m)]
+
+
+def _variant_table(doc: dict, pick, column: str, label) -> list[str]:
+    """VARST against a VARST variant and the best baseline, on the folds the variant ran on.
+
+    The variant's rows are ``pick(block)`` of each split; ``column`` heads the variant's column, ``label(method)``
+    names it in a cell.
+    """
     lines = [
-        "| split | VARST (fitted on these genes) | VARST (fitted on a wider panel) | its transformer alone | best "
-        "baseline | Δ wider − best | coverage 90% |",
-        "|---|---|---|---|---|---|---|",
+        f"| split | VARST | its transformer alone | {column} | its transformer alone | best baseline | "
+        "Δ variant − best | coverage 90% |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, block in doc["splits"].items():
-        for m in _panel_methods(block):
+        for m in pick(block):
             folds = sorted(block[m]["per_fold_mean_pearson"])
             base = {k: _mean_on(r, folds) for k, r in block.items() if is_baseline(k)}
             bname = _best(base)
-            wide = _mean_on(block[m], folds)
+            variant = _mean_on(block[m], folds)
             every = len(folds) == len(block["ridge_cv"]["per_fold_mean_pearson"])
-            label = name if every else f"{name} ({', '.join(folds)})"
+            head = name if every else f"{name} ({', '.join(folds)})"
             lines.append(
-                f"| {label} | {_f(_mean_on(block.get('varst'), folds))} | {m[len('varst_') :]}: {_f(wide)} | "
+                f"| {head} | {_f(_mean_on(block.get('varst'), folds))} | "
+                f"{_f(_mean_on(block.get('varst_transformer'), folds))} | {label(m)}: {_f(variant)} | "
                 f"{_f(_mean_on(block.get(m + '_transformer'), folds))} | {bname} {_f(base[bname])} | "
-                f"{_signed(wide - base[bname])} | {_f(block[m].get('coverage_90'))} |"
+                f"{_signed(variant - base[bname])} | {_f(block[m].get('coverage_90'))} |"
             )
     return lines if len(lines) > 2 else []
+
+
+def panel_table(doc: dict) -> list[str]:
+    """VARST fitted on the split's genes against VARST fitted on a wider panel and read on the same genes."""
+    return _variant_table(doc, _panel_methods, "VARST fitted on a wider panel", lambda m: m[len("varst_") :])
+
+
+def ensemble_table(doc: dict) -> list[str]:
+    """VARST (one stage-2 transformer) against VARST with several (``varst_ens<K>``), on the same folds."""
+    return _variant_table(
+        doc, _ensemble_methods, "VARST, stage-2 ensemble", lambda m: f"{m[len('varst_ens') :]} members"
+    )
 
 
 def seed_table(doc: dict) -> list[str]:
@@ -547,6 +570,19 @@ def her2st_md(doc: dict) -> str:
             "folds the wider model ran on; the best baseline on the same folds.",
             "",
             *panel,
+            "",
+        ]
+    ens = ensemble_table(doc)
+    if ens:
+        L += [
+            "## VARST with a stage-2 ensemble",
+            "",
+            'The same tokenizer, K transformers trained with seeds seed, seed + 1, … (`var_config["ensemble_size"]`, '
+            "`--ensemble_size K`), their decoded predictions averaged and their draws pooled; member 0 is the "
+            "one-transformer model of the first columns. Means over the folds the ensemble ran on; the best baseline "
+            "on the same folds.",
+            "",
+            *ens,
             "",
         ]
     notes = list(doc.get("notes") or [])

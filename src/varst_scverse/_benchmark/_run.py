@@ -75,6 +75,7 @@ class BenchConfig:
     stage1_max_steps: int | None = None
     stage2_epochs: int = 25
     n_samples: int = 16
+    ensemble_size: int = 1  # stage-2 members of every VARST fit (var_config["ensemble_size"])
     ablations: bool = False
     ablation_splits: tuple[str, ...] = ("cross_B4", "within_C")
     ablation_geneset: str = "top250"
@@ -100,6 +101,7 @@ class BenchConfig:
             stage2_epochs=self.stage2_epochs,
             n_samples=self.n_samples,
             accelerator=self.accelerator,
+            var_config={"ensemble_size": self.ensemble_size} if self.ensemble_size > 1 else {},
         )
 
     def folds(self, split: str) -> list[D.Fold]:
@@ -160,6 +162,8 @@ def _fingerprint(cfg: BenchConfig) -> dict:
         "tests",
     ):
         d.pop(k, None)
+    if d.get("ensemble_size") == 1:
+        d.pop("ensemble_size")  # stores written before the option existed still resume
     return json.loads(json.dumps(d))
 
 

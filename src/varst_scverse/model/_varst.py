@@ -209,7 +209,7 @@ class VARST:
         has = ~np.isnan(hist).all(1)
         if has.any():
             h = hist[has].astype(np.float64)
-            self.module.condition.set_standardisation(torch.as_tensor(h.mean(0)), torch.as_tensor(h.std(0)))
+            self.module.set_histology_standardisation(torch.as_tensor(h.mean(0)), torch.as_tensor(h.std(0)))
         self.history_: dict[str, pd.DataFrame] = {}
         self.is_trained_ = {1: False, 2: False}
 
@@ -443,57 +443,54 @@ class VARST:
             raise ValueError("restore_best needs a validation set (train_size < 1).")
         if ckpt_path == "last" and not save_checkpoints:
             raise ValueError('ckpt_path="last" resumes from checkpoints written with save_checkpoints=True; pass both.')
+        n_members = self.module.n_members if stage == 2 else 1
+        if n_members > 1 and (save_checkpoints or ckpt_path is not None):
+            raise ValueError(
+                f"Lightning checkpoints hold one stage-2 transformer, this model trains {n_members} "
+                "(var_config['ensemble_size']); train it without save_checkpoints / ckpt_path and export it with "
+                "model.save()."
+            )
         self.module.set_training_stage(stage)
-        plan = VARSTTrainingPlan(
-            self.module, lr=lr, weight_decay=weight_decay, lr_warmup_steps=lr_warmup_steps, lr_schedule=lr_schedule
-        )
-        history = HistoryCallback()
-        cbs = [history, *(callbacks or [])]
-        if early_stopping:
-            if val_dl is None:
-                raise ValueError("early_stopping needs a validation set; use train_size < 1.")
-            cbs.append(lpl.callbacks.EarlyStopping("validation_loss", patience=early_stopping_patience))
-        ckpt_cb = checkpoint_callback(default_root_dir, stage, val_dl is not None) if save_checkpoints else None
-        if ckpt_cb is not None:
-            cbs.append(ckpt_cb)
-        best_cb = None
-        if restore_best and ckpt_cb is None:
-            best_cb = BestWeightsInMemory(best_weights_monitor(self.module))
-            cbs.append(best_cb)
-        if average_last_epochs:
-            cbs.append(EpochWeightAverage(min(average_last_epochs, max_epochs)))
-        if logger is True:
-            logger = lpl.loggers.TensorBoardLogger(default_root_dir or "lightning_logs", name=f"stage{stage}")
         if strategy in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook"):
             # some parameters get no gradient in a step (the other stage's; the null condition when no spot is
             # dropped), which plain DDP refuses
             strategy = f"{strategy}_find_unused_parameters_true"
-        trainer = lpl.Trainer(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            strategy=strategy,
-            precision=precision,
-            accumulate_grad_batches=accumulate_grad_batches,
-            enable_progress_bar=enable_progress_bar,
-            logger=logger,
-            callbacks=cbs,
-            default_root_dir=default_root_dir,
-            enable_checkpointing=any(isinstance(c, lpl.callbacks.ModelCheckpoint) for c in cbs),
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
+        fit = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "lr_warmup_steps": lr_warmup_steps,
+            "lr_schedule": lr_schedule,
+            "early_stopping": early_stopping,
+            "early_stopping_patience": early_stopping_patience,
+            "callbacks": callbacks,
+            "save_checkpoints": save_checkpoints,
+            "restore_best": restore_best,
+            "average_last_epochs": average_last_epochs,
+            "logger": logger,
+            "default_root_dir": default_root_dir,
+            "ckpt_path": ckpt_path,
+            "max_epochs": max_epochs,
+        }
+        trainer_kwargs = {
+            "accelerator": accelerator,
+            "devices": devices,
+            "strategy": strategy,
+            "precision": precision,
+            "accumulate_grad_batches": accumulate_grad_batches,
+            "enable_progress_bar": enable_progress_bar,
             **trainer_kwargs,
-        )
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
-            trainer.fit(plan, train_dl, val_dl, ckpt_path=ckpt_path)
-        if best_cb is not None and best_cb.best_epoch is not None:
-            _logger.info(
-                "restored the weights of epoch %d (%s = %.4f)", best_cb.best_epoch, best_cb.monitor, best_cb.best_score
-            )
-        if restore_best and ckpt_cb is not None and load_best_weights(plan, ckpt_cb) is None:
-            warnings.warn("restore_best: no best checkpoint was written; kept the last weights.", stacklevel=2)
+        }
+        frames = []
+        for k in range(n_members):
+            if k:  # member k: its own seed, the same split
+                lpl.seed_everything(seed + k, workers=True, verbose=False)
+            with self.module.member(k):
+                df_k = pd.DataFrame(
+                    self._fit_stage(stage, train_dl, val_dl, fit, trainer_kwargs, k if n_members > 1 else None)
+                )
+            if n_members > 1:
+                df_k.insert(0, "member", k)
+            frames.append(df_k)
         self.module.eval()
         if stage == 1:
             self.module.stage1_trained = True
@@ -502,10 +499,69 @@ class VARST:
             probe_oof = self._fit_probe(arrays, np.sort(rows))
             self._calibrate_noise(arrays, val_rows if len(val_rows) else train_rows, seed, probe_oof)
         self.is_trained_[stage] = True
-        df = pd.DataFrame(history.rows)
+        df = pd.concat(frames, ignore_index=True)
         key = f"stage{stage}"
         self.history_[key] = pd.concat([self.history_[key], df], ignore_index=True) if key in self.history_ else df
         return df
+
+    def _fit_stage(
+        self, stage: int, train_dl, val_dl, fit: dict[str, Any], trainer_kwargs: dict[str, Any], member: int | None
+    ) -> list[dict[str, float]]:
+        """One Lightning run of ``stage`` (of the active stage-2 member); returns the per-epoch history rows.
+
+        ``fit`` holds :meth:`train`'s arguments by name, ``trainer_kwargs`` what goes to the Trainer as it is;
+        ``member`` (an ensemble's member, else None) names the TensorBoard run.
+        """
+        import lightning.pytorch as lpl
+
+        plan = VARSTTrainingPlan(
+            self.module,
+            lr=fit["lr"],
+            weight_decay=fit["weight_decay"],
+            lr_warmup_steps=fit["lr_warmup_steps"],
+            lr_schedule=fit["lr_schedule"],
+        )
+        history = HistoryCallback()
+        cbs = [history, *(fit["callbacks"] or [])]
+        if fit["early_stopping"]:
+            if val_dl is None:
+                raise ValueError("early_stopping needs a validation set; use train_size < 1.")
+            cbs.append(lpl.callbacks.EarlyStopping("validation_loss", patience=fit["early_stopping_patience"]))
+        root = fit["default_root_dir"]
+        ckpt_cb = checkpoint_callback(root, stage, val_dl is not None) if fit["save_checkpoints"] else None
+        if ckpt_cb is not None:
+            cbs.append(ckpt_cb)
+        best_cb = None
+        if fit["restore_best"] and ckpt_cb is None:
+            best_cb = BestWeightsInMemory(best_weights_monitor(self.module))
+            cbs.append(best_cb)
+        if fit["average_last_epochs"]:
+            cbs.append(EpochWeightAverage(min(fit["average_last_epochs"], fit["max_epochs"])))
+        logger = fit["logger"]
+        if logger is True:
+            name = f"stage{stage}" if member is None else f"stage{stage}_member{member}"
+            logger = lpl.loggers.TensorBoardLogger(root or "lightning_logs", name=name)
+        trainer = lpl.Trainer(
+            max_epochs=fit["max_epochs"],
+            logger=logger,
+            callbacks=cbs,
+            default_root_dir=root,
+            enable_checkpointing=any(isinstance(c, lpl.callbacks.ModelCheckpoint) for c in cbs),
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            **trainer_kwargs,
+        )
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*GPU available but not used.*")
+            trainer.fit(plan, train_dl, val_dl, ckpt_path=fit["ckpt_path"])
+        if best_cb is not None and best_cb.best_epoch is not None:
+            _logger.info(
+                "restored the weights of epoch %d (%s = %.4f)", best_cb.best_epoch, best_cb.monitor, best_cb.best_score
+            )
+        if fit["restore_best"] and ckpt_cb is not None and load_best_weights(plan, ckpt_cb) is None:
+            warnings.warn("restore_best: no best checkpoint was written; kept the last weights.", stacklevel=2)
+        return history.rows
 
     def _fit_probe(self, arrays: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray | None:
         """Fit the linear probe of ``var_config["ridge_blend"]`` on the spots ``rows``; return out-of-fold predictions.
@@ -879,7 +935,7 @@ class VARST:
                 "target": self.init_params_["target"],
                 "n_genes": len(self.gene_names_),
                 "setup_args": dict(self.setup_args_),
-                "epochs_trained": {k: len(v) for k, v in self.history_.items()},
+                "epochs_trained": {k: _epochs(v) for k, v in self.history_.items()},
                 "ridge_probe": {
                     "blend": float(self.module.var_config["ridge_blend"]),
                     "fitted": self.module.has_probe,
@@ -1015,6 +1071,13 @@ class _RowFiller:
         if name not in self.arrays:
             self.arrays[name] = np.full((self.n_rows, *values.shape[1:]), fill, dtype=values.dtype)
         self.arrays[name][at] = values
+
+
+def _epochs(history: pd.DataFrame) -> int:
+    """Epochs a stage trained (per member for an ensemble's stage 2, whose history has a ``member`` column)."""
+    if "member" in history and len(history):
+        return int(history.groupby("member").size().max())
+    return len(history)
 
 
 def _spots_per_batch(batch_size: int, n_samples: int, module: TwoStageVARST) -> int:

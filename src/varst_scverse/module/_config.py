@@ -49,6 +49,9 @@ _VAR_BASE: dict[str, Any] = {
     # weight of a linear probe on the histology (ridge, alpha by leave-one-section-out CV, fitted after stage 2) in
     # every decoded prediction: (1 - w) * transformer + w * probe; 0 = the transformer alone
     "ridge_blend": 0.0,
+    # independently seeded stage-2 members (condition encoder + transformer) on the one tokenizer, trained one after
+    # the other; predictions average them, draws mix them. Costs this many times the stage-2 training and generation
+    "ensemble_size": 1,
 }
 
 PRESETS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
@@ -186,6 +189,7 @@ def _validate_var(var: Mapping[str, Any]) -> None:
         raise ValueError(
             f"var_config['ridge_blend'] must lie in [0, 1] (0 = the transformer alone), got {var['ridge_blend']}."
         )
+    _positive_int(var, "ensemble_size", "var_config")
     if var["neighbour_k"] < 0:
         raise ValueError(f"var_config['neighbour_k'] must be >= 0 (0 switches it off), got {var['neighbour_k']}.")
 

@@ -7,6 +7,8 @@ switching and checkpoints. :class:`varst_scverse.VARST` wraps it and shares its 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -73,8 +75,23 @@ class TwoStageVARST(nn.Module):
         self.register_buffer("probe_bias", torch.zeros(self.num_genes))
         self.register_buffer("probe_alpha", torch.zeros(1))
         self.vqvae = MultiScaleGeneVQVAE(self.num_genes, self.scales, self.vqvae_config)
+        self.condition, self.var = self._new_stage2()
+        # further stage-2 members of an ensemble (var_config["ensemble_size"] > 1): each its own condition encoder and
+        # transformer, trained with its own seed on the same frozen tokenizer; see :meth:`member`
+        self.extra_members = nn.ModuleList(
+            [_Stage2Member(*self._new_stage2()) for _ in range(self.var_config["ensemble_size"] - 1)]
+        )
+        self.current_stage = 1
+        self.stage1_trained = False
+        self.stage2_trained = False
+        if current_stage == 2:
+            self.set_training_stage(2, _allow_untrained=True)
+        elif current_stage != 1:
+            raise ValueError(f"current_stage must be 1 or 2, got {current_stage}.")
+
+    def _new_stage2(self) -> tuple[ConditionEncoder, GeneVARTransformer]:
         v = self.var_config
-        self.condition = ConditionEncoder(
+        condition = ConditionEncoder(
             self.histology_dim,
             v["condition_embed_dim"],
             n_fourier=v["num_fourier_features"],
@@ -83,14 +100,44 @@ class TwoStageVARST(nn.Module):
             dropout=v["dropout"],
             coordinate_dropout=v["coordinate_dropout"],
         )
-        self.var = GeneVARTransformer(self.scales, self.vqvae_config["embed_dim"], self.num_genes, v)
-        self.current_stage = 1
-        self.stage1_trained = False
-        self.stage2_trained = False
-        if current_stage == 2:
-            self.set_training_stage(2, _allow_untrained=True)
-        elif current_stage != 1:
-            raise ValueError(f"current_stage must be 1 or 2, got {current_stage}.")
+        return condition, GeneVARTransformer(self.scales, self.vqvae_config["embed_dim"], self.num_genes, v)
+
+    # ------------------------------------------------------------------ ensemble members
+    @property
+    def n_members(self) -> int:
+        """Stage-2 members (condition encoder + transformer pairs); 1 unless ``var_config["ensemble_size"]`` > 1."""
+        return 1 + len(self.extra_members)
+
+    @contextmanager
+    def member(self, k: int) -> Iterator[None]:
+        """Make stage-2 member ``k`` the active one (``self.condition`` / ``self.var``) inside the ``with`` block.
+
+        Everything that trains or generates with one transformer (``stage2_loss``, :meth:`generate` of one member)
+        uses the active pair; member 0 is active outside any block, so the weights' names in a checkpoint never
+        depend on which member was last used.
+        """
+        if not 0 <= k < self.n_members:
+            raise ValueError(f"member must lie in [0, {self.n_members - 1}], got {k}.")
+        if k == 0:
+            yield
+            return
+        other = self.extra_members[k - 1]
+        self._swap(other)
+        try:
+            yield
+        finally:
+            self._swap(other)
+
+    def _swap(self, other: _Stage2Member) -> None:
+        self.condition, other.condition = other.condition, self.condition
+        self.var, other.var = other.var, self.var
+
+    @torch.no_grad()
+    def set_histology_standardisation(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store the training histology's per-feature mean and sd in every member's condition encoder."""
+        for k in range(self.n_members):
+            with self.member(k):
+                self.condition.set_standardisation(mean, std)
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -105,7 +152,7 @@ class TwoStageVARST(nn.Module):
 
     def stage_modules(self) -> dict[int, list[nn.Module]]:
         """Modules trained in each stage."""
-        return {1: [self.vqvae], 2: [self.condition, self.var]}
+        return {1: [self.vqvae], 2: [self.condition, self.var, self.extra_members]}
 
     def get_model_info(self) -> dict[str, Any]:
         """Parameter counts per stage, current stage, vocabulary, scales and the configs."""
@@ -128,6 +175,7 @@ class TwoStageVARST(nn.Module):
             "n_tokens": self.n_tokens,
             "n_generated_tokens": self.n_generated_tokens,
             "generated_scales": list(self.var.scales),
+            "ensemble_size": self.n_members,
             "preset": self.preset,
             "vqvae_config": _jsonable(self.vqvae_config),
             "var_config": _jsonable(self.var_config),
@@ -154,6 +202,7 @@ class TwoStageVARST(nn.Module):
             self.vqvae.requires_grad_(False)
             self.condition.requires_grad_(True)
             self.var.requires_grad_(True)
+            self.extra_members.requires_grad_(True)
         else:
             self.vqvae.requires_grad_(True)
         self.current_stage = stage
@@ -323,11 +372,73 @@ class TwoStageVARST(nn.Module):
         -------
         dict with ``expression [n_samples, B, G]`` (caller's gene order), ``tokens [n_samples, B, L]`` and, when
         asked, ``prefix_expression [n_scales, n_samples, B, G]``.
+
+        Notes
+        -----
+        With several stage-2 members (``var_config["ensemble_size"]``), ``"expected"`` and ``"greedy"`` average the
+        members' decoded expression (and prefixes; the tokens are the first member's), and ``"sample"`` draws from
+        the mixture: the draws are shared out among the members in turn, from a random starting member.
         """
         if decode not in DECODES:
             raise ValueError(f"decode must be one of {DECODES}, got {decode!r}.")
         if n_samples < 1:
             raise ValueError(f"n_samples must be >= 1, got {n_samples}.")
+        kw = {"decode": decode, "temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg}
+        kw.update(generator=generator, use_cache=use_cache, return_prefixes=return_prefixes)
+        n = self.n_members
+        if n == 1:
+            expr, tokens, prefixes = self._generate_member(histology, coords, neighbours, n_samples=n_samples, **kw)
+        elif decode == "sample":
+            # a mixture over the members: draw d comes from member (d + offset) % n, with a random offset so that a
+            # single draw is not always the first member's
+            offset = int(torch.randint(n, (1,), generator=generator, device=generator.device if generator else None))
+            counts = [len(range((k - offset) % n, n_samples, n)) for k in range(n)]
+            parts = []
+            for k, count in enumerate(counts):
+                if count:
+                    with self.member(k):
+                        parts.append(self._generate_member(histology, coords, neighbours, n_samples=count, **kw))
+            expr = torch.cat([p[0] for p in parts])
+            tokens = torch.cat([p[1] for p in parts])
+            prefixes = [torch.cat(x, 1) for x in zip(*[p[2] for p in parts])]
+        else:
+            # deterministic decodes: the members' mean (tokens: the first member's)
+            parts = []
+            for k in range(n):
+                with self.member(k):
+                    parts.append(self._generate_member(histology, coords, neighbours, n_samples=n_samples, **kw))
+            expr = torch.stack([p[0] for p in parts]).mean(0)
+            tokens = parts[0][1]
+            prefixes = [torch.stack(x).mean(0) for x in zip(*[p[2] for p in parts])]
+        w = self.var_config["ridge_blend"] if ridge_blend is None else float(ridge_blend)
+        if w > 0 and self.has_probe:
+            lin = self.probe(histology).to(expr.dtype)
+            expr = (1 - w) * expr + w * lin
+            prefixes = [(1 - w) * p + w * lin for p in prefixes]
+        if add_noise and bool((self.noise_std > 0).any()):
+            noise = torch.randn(expr.shape, generator=generator, dtype=expr.dtype, device=expr.device)
+            expr = expr + noise * self.noise_std
+        out = {"expression": expr, "tokens": tokens}
+        if return_prefixes:
+            out["prefix_expression"] = torch.stack(prefixes)
+        return out
+
+    def _generate_member(
+        self,
+        histology: torch.Tensor,
+        coords: torch.Tensor,
+        neighbours: torch.Tensor | None,
+        decode: Decode,
+        n_samples: int,
+        temperature: float,
+        top_k: int | None,
+        top_p: float | None,
+        cfg: float,
+        generator: torch.Generator | None,
+        use_cache: bool,
+        return_prefixes: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The active member's generation: decoded ``[n_samples, B, G]``, tokens ``[n_samples, B, L]``, prefixes."""
         b = histology.shape[0]
         cond = self._condition(histology, coords, neighbours)
         if n_samples > 1:
@@ -366,18 +477,7 @@ class TwoStageVARST(nn.Module):
             if return_prefixes:
                 prefixes.append(self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1))
         expr = self.to_caller_order(self.vqvae.decode(f_hat)).reshape(n_samples, b, -1)
-        w = self.var_config["ridge_blend"] if ridge_blend is None else float(ridge_blend)
-        if w > 0 and self.has_probe:
-            lin = self.probe(histology).to(expr.dtype)
-            expr = (1 - w) * expr + w * lin
-            prefixes = [(1 - w) * p + w * lin for p in prefixes]
-        if add_noise and bool((self.noise_std > 0).any()):
-            noise = torch.randn(expr.shape, generator=generator, dtype=expr.dtype, device=expr.device)
-            expr = expr + noise * self.noise_std
-        out = {"expression": expr, "tokens": torch.cat(tokens, 1).reshape(n_samples, b, -1)}
-        if return_prefixes:
-            out["prefix_expression"] = torch.stack(prefixes)
-        return out
+        return expr, torch.cat(tokens, 1).reshape(n_samples, b, -1), prefixes
 
     # ------------------------------------------------------------------ linear probe
     @property
@@ -528,6 +628,15 @@ class TwoStageVARST(nn.Module):
 
 #: buffers added after the first checkpoint format; older files lack them (no probe: the transformer alone)
 _LATER_BUFFERS: tuple[str, ...] = ("probe_weight", "probe_bias", "probe_alpha")
+
+
+class _Stage2Member(nn.Module):
+    """A further stage-2 member of an ensemble: a condition encoder and a transformer (see ``TwoStageVARST.member``)."""
+
+    def __init__(self, condition: ConditionEncoder, var: GeneVARTransformer) -> None:
+        super().__init__()
+        self.condition = condition
+        self.var = var
 
 
 def _with_extra(meta: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
