@@ -110,6 +110,19 @@ def test_fold_filter_and_accelerator_reach_the_settings():
     assert cfg.settings().accelerator == "gpu"
 
 
+def test_ensemble_size_reaches_the_settings_and_the_fingerprint():
+    from varst_scverse._benchmark._run import _fingerprint
+    from varst_scverse.benchmark import BenchConfig, main
+
+    assert BenchConfig(ensemble_size=3).settings().var_config == {"ensemble_size": 3}
+    assert BenchConfig().settings().var_config == {}
+    # one transformer: the fingerprint of a store written before the option existed, so such stores still resume
+    assert "ensemble_size" not in _fingerprint(BenchConfig())
+    assert _fingerprint(BenchConfig(ensemble_size=3))["ensemble_size"] == 3
+    with pytest.raises(SystemExit, match="--ensemble_size must be a positive integer"):
+        main(["--ensemble_size", "0"])
+
+
 def test_gene_sets_are_cached_beside_the_embedded_data(quick_run):
     from varst_scverse._benchmark import _data as D
 
