@@ -361,7 +361,9 @@ class VARST:
             (at least 1), off for stage 1 and with ``restore_best=True`` (the two do not combine). A run stopped
             early by ``early_stopping`` averages only the epochs it reached in that window.
         seed
-            Seed of this run (defaults to the model's seed).
+            Seed of this run (defaults to the model's seed). With ``var_config["ensemble_size"]`` K > 1, stage 2
+            trains its K transformers one after the other with seeds ``seed``, ``seed + 1``, … on the same split
+            (the history gains a ``member`` column); ``save_checkpoints`` and ``ckpt_path`` are refused then.
         **trainer_kwargs
             Further :class:`~lightning.pytorch.Trainer` arguments.
 
