@@ -660,29 +660,20 @@ def test_ensemble_point_prediction_is_the_members_mean(ensemble):
 def test_ensemble_draws_are_shared_out_among_the_members(ensemble):
     hist, xy = _condition(4)
     greedy = [_single_member(ensemble, k).generate(hist, xy, decode="greedy")["expression"][0] for k in range(3)]
-    for seed in range(3):
+
+    def owners(n_samples: int, seed: int) -> list[list[int]]:
         # top_k=1 makes each draw its member's greedy decode, so every draw says which member made it
-        draws = ensemble.generate(
-            hist, xy, decode="sample", n_samples=7, top_k=1, generator=torch.Generator().manual_seed(seed)
-        )
-        owner = [[k for k in range(3) if torch.allclose(d, greedy[k])] for d in draws["expression"]]
+        gen = torch.Generator().manual_seed(seed)
+        draws = ensemble.generate(hist, xy, decode="sample", n_samples=n_samples, top_k=1, generator=gen)
+        return [[k for k in range(3) if torch.allclose(d, greedy[k])] for d in draws["expression"]]
+
+    for seed in range(3):
+        owner = owners(7, seed)
         assert all(len(o) == 1 for o in owner), owner
         counts = sorted(sum(o[0] == k for o in owner) for k in range(3))
         assert counts == [2, 2, 3], counts
     # a single draw does not always come from the first member
-    firsts = {
-        next(
-            k
-            for k in range(3)
-            if torch.allclose(
-                ensemble.generate(hist, xy, decode="sample", top_k=1, generator=torch.Generator().manual_seed(s))[
-                    "expression"
-                ][0],
-                greedy[k],
-            )
-        )
-        for s in range(12)
-    }
+    firsts = {owners(1, s)[0][0] for s in range(12)}
     assert len(firsts) > 1
 
 

@@ -386,27 +386,24 @@ class TwoStageVARST(nn.Module):
         kw = {"decode": decode, "temperature": temperature, "top_k": top_k, "top_p": top_p, "cfg": cfg}
         kw.update(generator=generator, use_cache=use_cache, return_prefixes=return_prefixes)
         n = self.n_members
-        if n == 1:
-            expr, tokens, prefixes = self._generate_member(histology, coords, neighbours, n_samples=n_samples, **kw)
-        elif decode == "sample":
+        counts = [n_samples] * n  # draws per member
+        if decode == "sample" and n > 1:
             # a mixture over the members: draw d comes from member (d + offset) % n, with a random offset so that a
             # single draw is not always the first member's
             offset = int(torch.randint(n, (1,), generator=generator, device=generator.device if generator else None))
             counts = [len(range((k - offset) % n, n_samples, n)) for k in range(n)]
-            parts = []
-            for k, count in enumerate(counts):
-                if count:
-                    with self.member(k):
-                        parts.append(self._generate_member(histology, coords, neighbours, n_samples=count, **kw))
+        parts = []
+        for k, count in enumerate(counts):
+            if count:
+                with self.member(k):
+                    parts.append(self._generate_member(histology, coords, neighbours, n_samples=count, **kw))
+        if len(parts) == 1:
+            expr, tokens, prefixes = parts[0]
+        elif decode == "sample":
             expr = torch.cat([p[0] for p in parts])
             tokens = torch.cat([p[1] for p in parts])
             prefixes = [torch.cat(x, 1) for x in zip(*[p[2] for p in parts])]
-        else:
-            # deterministic decodes: the members' mean (tokens: the first member's)
-            parts = []
-            for k in range(n):
-                with self.member(k):
-                    parts.append(self._generate_member(histology, coords, neighbours, n_samples=n_samples, **kw))
+        else:  # deterministic decodes: the members' mean (tokens: the first member's)
             expr = torch.stack([p[0] for p in parts]).mean(0)
             tokens = parts[0][1]
             prefixes = [torch.stack(x).mean(0) for x in zip(*[p[2] for p in parts])]
