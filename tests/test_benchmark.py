@@ -123,6 +123,20 @@ def test_ensemble_size_reaches_the_settings_and_the_fingerprint():
         main(["--ensemble_size", "0"])
 
 
+def test_gene_positions_reach_the_settings_and_the_fingerprint():
+    from varst_scverse._benchmark._run import _fingerprint
+    from varst_scverse.benchmark import BenchConfig, build_parser, main
+
+    assert BenchConfig().settings().vqvae_config == {"gene_positions": 256}
+    assert BenchConfig(gene_positions=None).settings().vqvae_config == {"gene_positions": None}
+    # the default pools nothing on the top-50/top-250 panels: stores written before the option still resume
+    assert "gene_positions" not in _fingerprint(BenchConfig())
+    assert _fingerprint(BenchConfig(gene_positions=None))["gene_positions"] is None
+    assert build_parser().parse_args([]).gene_positions == 256
+    with pytest.raises(SystemExit, match="--gene_positions must be 0"):
+        main(["--gene_positions", "-1"])
+
+
 def test_gene_sets_are_cached_beside_the_embedded_data(quick_run):
     from varst_scverse._benchmark import _data as D
 

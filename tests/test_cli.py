@@ -155,6 +155,23 @@ def test_stage2_ensemble_from_the_command_line(trained, toy_h5ad, tmp_path, caps
     assert rc == 2 and "--ensemble_size must be >= 1" in capsys.readouterr().err
 
 
+def test_gene_positions_from_the_command_line(toy_h5ad, tmp_path, capsys, caplog):
+    _run(tmp_path, toy_h5ad, 1, 1, "--gene_positions", "12")
+    d = _stage_dir(tmp_path, 1)
+    module = TwoStageVARST.load_complete_model(d / "best_vqvae.ckpt")
+    assert module.vqvae_config["gene_positions"] == 12 and module.num_positions == 12
+    assert module.scales[-1] == 12
+    rc = main(["train", "--dataset", str(toy_h5ad), "--training_stage", "1", "--epochs", "1",
+               "--output", str(tmp_path / "bad"), *TINY, "--gene_positions", "0"])  # fmt: skip
+    assert rc == 2 and "--gene_positions must be >= 1" in capsys.readouterr().err
+    # stage 2 takes the tokenizer from the checkpoint and says that the flag changes nothing
+    with caplog.at_level("WARNING"):
+        _run(tmp_path / "s2", toy_h5ad, 2, 1, "--stage1_ckpt", str(d / "best_vqvae.ckpt"), "--gene_positions", "16")
+    assert "--gene_positions is ignored in stage 2" in caplog.text
+    s2 = TwoStageVARST.load_complete_model(_stage_dir(tmp_path / "s2", 2) / "best_model.ckpt")
+    assert s2.num_positions == 12
+
+
 def test_predict_refuses_a_stage1_model(trained, toy_h5ad, tmp_path, capsys):
     rc = main(["predict", "--model", str(_stage_dir(trained, 1)), "--adata", str(toy_h5ad), "--out",
                str(tmp_path / "x.h5ad")])  # fmt: skip

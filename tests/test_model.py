@@ -339,10 +339,11 @@ def test_batch_memory_estimate_warns_before_the_machine_runs_out():
     )
     assert not _memory.warn_if_batch_too_large(1, 256, 250, 64, available=16 * 10**9)
     with pytest.warns(
-        UserWarning, match=r"batch_size=256 on 10,000 genes needs about 52\.4 GB.*batch_size=(\d+)"
+        UserWarning, match=r"batch_size=256 and a tokenizer feature map of 10,000 positions needs about 52\.4 GB"
     ) as rec:
         assert _memory.warn_if_batch_too_large(1, 256, 10_000, 64, available=20 * 10**9)
     suggested = int(re.search(r"Pass batch_size=(\d+)", str(rec[0].message)).group(1))
+    assert "gene_positions" in str(rec[0].message)  # the other way out: pool the genes into fewer positions
     assert 0 < suggested < 256
     assert _memory.training_batch_bytes(1, suggested, 10_000, 64) <= 0.8 * 20 * 10**9
     assert _memory.available_memory_bytes() is None or _memory.available_memory_bytes() > 0
@@ -355,8 +356,12 @@ def test_train_warns_when_the_batch_exceeds_available_memory(data, monkeypatch):
     VARST.setup_anndata(a, **SETUP)
     m = VARST(a, preset="cpu", vqvae_config=VQ, var_config=VAR)
     monkeypatch.setattr(_memory, "available_memory_bytes", lambda: 10**5)
-    with pytest.warns(UserWarning, match=r"Stage 1 with batch_size=32 on 32 genes.*run out of memory"):
+    with pytest.warns(UserWarning, match=r"Stage 1 with batch_size=32 and a tokenizer feature map of 32 positions"):
         m.train(stage=1, max_epochs=1, **FAST)
+    # the estimate follows the feature map, which gene_positions shrinks
+    pooled = VARST(a, preset="cpu", vqvae_config={**VQ, "gene_positions": 16}, var_config=VAR)
+    with pytest.warns(UserWarning, match=r"feature map of 16 positions"):
+        pooled.train(stage=1, max_epochs=1, **FAST)
 
 
 def test_stage1_history_and_codebook_utilisation(trained):
@@ -663,6 +668,27 @@ def test_learning_signal_beats_shuffled_histology(trained, query):
     r_control = np.nanmean(_pearson_per_gene(truth, control.predict_expression(query, n_samples=0)))
     assert r_model > 0.25, (r_model, r_control)
     assert r_model > r_control + 0.15, (r_model, r_control)
+
+
+def test_pooled_gene_positions_learn_the_held_out_section(data, tmp_path):
+    """A tokenizer whose feature map pools pairs of genes (gene_positions = G / 2) still learns every gene."""
+    adata = data.train.copy()
+    VARST.setup_anndata(adata, **SETUP)
+    model = VARST(adata, preset="cpu", vqvae_config={**VQ, "gene_positions": N_GENES // 2}, var_config=VAR, seed=0)
+    info = model.get_model_info()
+    assert info["num_positions"] == N_GENES // 2 and info["scales"] == [1, 4, 8, N_GENES // 2]
+    model.train(stage=1, max_epochs=30, **FAST)
+    model.train(stage=2, max_epochs=30, **FAST)
+    query = data.test.copy()
+    truth = np.log1p(query.layers["counts"].toarray())
+    pred = model.predict_expression(query, n_samples=0, add_to_adata=False)
+    assert pred.shape == (query.n_obs, N_GENES)
+    r = _pearson_per_gene(truth, pred)
+    assert np.nanmean(r) > 0.25, r
+    model.save(tmp_path / "pooled")
+    loaded = VARST.load(tmp_path / "pooled", adata=adata)
+    assert loaded.module.num_positions == N_GENES // 2
+    np.testing.assert_array_equal(loaded.predict_expression(query, n_samples=0, add_to_adata=False), pred)
 
 
 # --- persistence ---

@@ -686,3 +686,89 @@ def test_ensemble_checkpoint_round_trip(ensemble, tmp_path):
     torch.testing.assert_close(
         loaded.generate(hist, xy)["expression"], ensemble.generate(hist, xy)["expression"], rtol=0, atol=0
     )
+
+
+# --- genes pooled into fewer feature-map positions (vqvae_config["gene_positions"]) ---
+@pytest.mark.parametrize(("n_genes", "n_pos"), [(10, 4), (32, 8), (7, 7), (33, 32), (5, 1)])
+def test_gene_blocks_cover_every_gene_once_in_contiguous_blocks(n_genes, n_pos):
+    from varst_scverse.module._vqvae import GeneBlocks
+
+    b = GeneBlocks(n_genes, n_pos)
+    real = b.index[b.index < n_genes]
+    assert sorted(real.tolist()) == list(range(n_genes))  # every gene in exactly one block
+    sizes = (b.index < n_genes).sum(1)
+    assert int(sizes.min()) >= 1 and int(sizes.max() - sizes.min()) <= 1  # no empty block, sizes within one
+    assert torch.equal(real, torch.arange(n_genes))  # blocks follow the (clustered) gene order
+    z = torch.randn(3, n_genes)
+    assert torch.equal(b.genes(b.profile(z)), z)
+    w = torch.randn(n_genes, 5)
+    # a block's features sum its genes' value terms, with each gene's own weights
+    enc = b.encode(z, w)
+    blocks = b.index.tolist()
+    want = torch.stack([sum(z[:, g, None] * w[g] for g in blk if g < n_genes) for blk in blocks], 1)
+    assert torch.allclose(enc, want, atol=1e-5)
+    x = torch.randn(3, n_pos, 5)
+    pos = [next(p for p, blk in enumerate(blocks) if g in blk) for g in range(n_genes)]
+    assert torch.allclose(b.read_out(x, w), (x[:, pos] * w).sum(-1), atol=1e-5)
+    with pytest.raises(ValueError, match="num_positions"):
+        GeneBlocks(4, 5)
+
+
+def test_gene_positions_shrinks_the_feature_map_and_the_tokens():
+    m = _module(vq={"gene_positions": 16})
+    assert m.num_positions == 16 and m.scales == (1, 4, 8, 16)
+    assert m.n_tokens == 1 + 4 + 8 + 16 and m.get_model_info()["num_positions"] == 16
+    y = _expression(5)
+    feats = m.vqvae.encode(m.to_model_order(y))
+    assert feats.shape == (5, 16, VQ["embed_dim"])
+    out = m.vqvae(y)
+    assert out["reconstruction"].shape == (5, G) and torch.isfinite(out["loss"])
+    assert m.tokenize(y).shape == (5, m.n_tokens)
+    # at least as many positions as genes: exactly the one-position-per-gene model
+    same, base = _module(vq={"gene_positions": 10 * G}), _module()
+    assert same.num_positions == G and same.scales == base.scales
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), base.state_dict().values(), strict=True))
+
+
+def test_pooled_tokenizer_still_reads_every_gene_out_on_its_own():
+    """Genes that share a position but vary independently are each reconstructed (per-gene weights both ways)."""
+    from varst_scverse.module._vqvae import GeneDecoder, GeneEncoder
+
+    torch.manual_seed(0)
+    enc, dec = GeneEncoder(G, 16, 32, 1, 16, num_positions=8), GeneDecoder(G, 16, 1, 16, num_positions=8)
+    opt = torch.optim.Adam([*enc.parameters(), *dec.parameters()], lr=1e-2)
+    z = torch.randn(256, G)
+    for _ in range(300):
+        loss = ((dec(enc(z)) - z) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    zt = torch.randn(128, G)
+    with torch.no_grad():
+        rec = dec(enc(zt))
+    r = torch.stack([torch.corrcoef(torch.stack([rec[:, g], zt[:, g]]))[0, 1] for g in range(G)])
+    assert float(r.min()) > 0.9, r  # 4 independent genes per position, each recovered
+
+
+def test_gene_positions_is_validated_and_named_in_scale_errors():
+    for bad in (0, -3, True, 2.5, "64"):
+        with pytest.raises(ValueError, match="gene_positions"):
+            resolve_configs("cpu", {"gene_positions": bad}, None)
+    with pytest.raises(ValueError, match=r"pools the 32 genes into only 6; raise gene_positions to at least 8"):
+        _module(vq={"gene_positions": 6})
+
+
+def test_gene_positions_checkpoint_round_trip(tmp_path):
+    m = _module(vq={"gene_positions": 16}).eval()
+    path = tmp_path / "m.safetensors"
+    m.save_complete_model(path)
+    loaded = TwoStageVARST.load_complete_model(path).eval()
+    assert loaded.num_positions == 16
+    y = _expression(6)
+    assert torch.equal(loaded.tokenize(y), m.tokenize(y))
+    assert torch.allclose(loaded.reconstruct(y), m.reconstruct(y))
+    m.save_stage_checkpoint(tmp_path / "s1.safetensors", stage=1)
+    with pytest.raises(ValueError, match="gene_positions"):
+        _module(vq={"gene_positions": 12}).load_stage1(tmp_path / "s1.safetensors")
+    with pytest.raises(ValueError, match=r"feature map of 8 positions \(vqvae_config\[.gene_positions.\]\)"):
+        _module(vq={"gene_positions": 8})

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with --merge_ensembles",
     )
     p.add_argument(
+        "--gene_positions",
+        type=int,
+        default=256,
+        help="the tokenizer pools the ordered genes into at most this many positions (vqvae_config['gene_positions']; "
+        "0 = one position per gene): no change on the top-50/top-250 panels, what makes detected10 trainable on a CPU",
+    )
+    p.add_argument(
         "--tests", type=_csv, default=(), help="run only the folds with these test sections (e.g. B4,C3; default: all)"
     )
     p.add_argument("--accelerator", default="cpu", help="Lightning accelerator of the VARST fits (cpu, gpu, auto)")
@@ -192,6 +199,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.ensemble_size < 1:
         raise SystemExit(f"varst benchmark: --ensemble_size must be a positive integer, got {args.ensemble_size}.")
+    if args.gene_positions < 0:
+        raise SystemExit(
+            "varst benchmark: --gene_positions must be 0 (one per gene) or a positive integer, got "
+            f"{args.gene_positions}."
+        )
     cfg = BenchConfig(
         splits=args.splits,
         genesets=args.genesets,
@@ -201,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
         targets=args.targets,
         seed=args.seed,
         ensemble_size=args.ensemble_size,
+        gene_positions=args.gene_positions or None,
         stage1_epochs=args.stage1_epochs,
         stage1_max_steps=args.stage1_max_steps,
         stage2_epochs=args.stage2_epochs,

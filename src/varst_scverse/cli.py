@@ -112,6 +112,13 @@ def _add_train_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParse
         default=None,
         help="stage 2: transformers trained with seeds seed, seed+1, ... and averaged (default: the preset's, 1)",
     )
+    o.add_argument(
+        "--gene_positions",
+        type=int,
+        default=None,
+        help="stage 1: pool the ordered genes into at most this many tokenizer positions, for panels of thousands of "
+        "genes (default: one position per gene)",
+    )
     o.add_argument("--vqvae_config", type=_json_dict, default=None, help=argparse.SUPPRESS)
     o.add_argument("--var_config", type=_json_dict, default=None, help=argparse.SUPPRESS)
     d = p.add_argument_group("data")
@@ -410,6 +417,14 @@ def _stage2_refusal(args: argparse.Namespace) -> CLIError:
     return CLIError(msg, code=2)
 
 
+def _vq_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """``--vqvae_config`` plus ``--gene_positions``."""
+    out = dict(args.vqvae_config or {})
+    if args.gene_positions is not None:
+        out["gene_positions"] = args.gene_positions
+    return out or None
+
+
 def _var_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """``--var_config`` plus ``--ensemble_size``."""
     out = dict(args.var_config or {})
@@ -433,7 +448,7 @@ def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, 
         return varst.VARST(
             adata,
             preset=preset,
-            vqvae_config=args.vqvae_config,
+            vqvae_config=_vq_overrides(args),
             var_config=_var_overrides(args),
             target=args.target,
             seed=args.seed,
@@ -441,8 +456,9 @@ def _build_model(adata, args: argparse.Namespace, stage1: tuple[Path, dict[str, 
     path, meta = stage1
     ck_preset = meta.get("preset", "seed")
     preset = args.preset or ck_preset
-    if args.vqvae_config:
-        log.warning("--vqvae_config is ignored in stage 2: the tokenizer's configuration comes from %s", path)
+    for flag in ("vqvae_config", "gene_positions"):
+        if getattr(args, flag) is not None:
+            log.warning("--%s is ignored in stage 2: the tokenizer's configuration comes from %s", flag, path)
     # the tokenizer is the checkpoint's; the transformer keeps the checkpoint's settings unless the preset changes
     var_cfg = dict(meta["var_config"]) if preset == ck_preset else {"vocab_size": meta["vqvae_config"]["vocab_size"]}
     var_cfg.update(_var_overrides(args))
@@ -512,7 +528,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise _stage2_refusal(args)
     if stage == 1 and args.stage1_ckpt:
         log.warning("--stage1_ckpt is only used by --training_stage 2; ignoring it")
-    for name in ("epochs", "batch_size", "accumulate_grad_batches", "ensemble_size"):
+    for name in ("epochs", "batch_size", "accumulate_grad_batches", "ensemble_size", "gene_positions"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CLIError(f"--{name} must be >= 1, got {value}.", code=2)

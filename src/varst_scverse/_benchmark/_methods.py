@@ -274,7 +274,7 @@ def nar_control(
         f_hat = None
         for k in range(len(scales)):
             codes = quant.embed_probs(probs[:, offsets[k] : offsets[k + 1]])
-            up = upsample_genes(codes, module.num_genes)
+            up = upsample_genes(codes, module.num_positions)
             f_hat = up if f_hat is None else f_hat + up
         return vq.decode_standardised(f_hat)
 

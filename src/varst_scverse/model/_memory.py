@@ -30,7 +30,7 @@ _MAPS_GENERATION = 12
 GENERATION_BUDGET_BYTES = 2 * 1024**3
 
 
-def training_batch_bytes(stage: int, batch_size: int, n_genes: int, embed_dim: int, aux_decode: bool = True) -> int:
+def training_batch_bytes(stage: int, batch_size: int, n_positions: int, embed_dim: int, aux_decode: bool = True) -> int:
     """Estimated activation memory of one training step (bytes).
 
     Parameters
@@ -39,22 +39,23 @@ def training_batch_bytes(stage: int, batch_size: int, n_genes: int, embed_dim: i
         1 (tokenizer) or 2 (transformer with the frozen tokenizer).
     batch_size
         Spots per batch.
-    n_genes, embed_dim
-        Genes G and the tokenizer's ``vqvae_config["embed_dim"]``.
+    n_positions, embed_dim
+        Length of the tokenizer's feature map (genes G, or ``vqvae_config["gene_positions"]``) and its
+        ``vqvae_config["embed_dim"]``.
     aux_decode
         Stage 2 only: whether the auxiliary decode loss back-propagates through the decoder.
     """
     maps = _MAPS_PER_SPOT[stage] if stage == 1 or aux_decode else _MAPS_STAGE2_NO_DECODE
-    return int(batch_size) * int(n_genes) * int(embed_dim) * 4 * maps
+    return int(batch_size) * int(n_positions) * int(embed_dim) * 4 * maps
 
 
-def generation_sequences_that_fit(n_genes: int, embed_dim: int, budget: int | None = None) -> int:
-    """Sequences one generation batch may hold so that its ``[genes, embed_dim]`` maps stay within ``budget``.
+def generation_sequences_that_fit(n_positions: int, embed_dim: int, budget: int | None = None) -> int:
+    """Sequences one generation batch may hold so that its ``[positions, embed_dim]`` maps stay within ``budget``.
 
     ``budget`` defaults to :data:`GENERATION_BUDGET_BYTES`.
     """
     budget = GENERATION_BUDGET_BYTES if budget is None else budget
-    per_sequence = int(n_genes) * int(embed_dim) * 4 * _MAPS_GENERATION
+    per_sequence = int(n_positions) * int(embed_dim) * 4 * _MAPS_GENERATION
     return max(1, int(budget) // per_sequence)
 
 
@@ -81,7 +82,7 @@ def available_memory_bytes() -> int | None:
 def warn_if_batch_too_large(
     stage: int,
     batch_size: int,
-    n_genes: int,
+    n_positions: int,
     embed_dim: int,
     aux_decode: bool = True,
     available: int | None = None,
@@ -90,17 +91,18 @@ def warn_if_batch_too_large(
 
     ``available`` defaults to :func:`available_memory_bytes` (no warning when it is unknown).
     """
-    need = training_batch_bytes(stage, batch_size, n_genes, embed_dim, aux_decode)
+    need = training_batch_bytes(stage, batch_size, n_positions, embed_dim, aux_decode)
     available = available_memory_bytes() if available is None else available
     if available is None or need <= 0.8 * available:
         return False
-    per_spot = training_batch_bytes(stage, 1, n_genes, embed_dim, aux_decode)
+    per_spot = training_batch_bytes(stage, 1, n_positions, embed_dim, aux_decode)
     fits = max(1, int(0.5 * available // per_spot))
     warn_user(
-        f"Stage {stage} with batch_size={batch_size} on {n_genes:,} genes needs about {need / 1e9:.1f} GB of "
-        f"activations (estimate: the tokenizer keeps a {n_genes:,} x {embed_dim} feature map per layer and spot), and "
-        f"this machine has {available / 1e9:.1f} GB available: the process will probably run out of memory and be "
-        f"killed. Pass batch_size={fits} or smaller, or model fewer genes (e.g. subset the AnnData to the highly "
-        "variable ones before `VARST.setup_anndata`)."
+        f"Stage {stage} with batch_size={batch_size} and a tokenizer feature map of {n_positions:,} positions needs "
+        f"about {need / 1e9:.1f} GB of activations (estimate: the tokenizer keeps a {n_positions:,} x {embed_dim} map "
+        f"per layer and spot), and this machine has {available / 1e9:.1f} GB available: the process will probably "
+        f"run out of memory and be killed. Pass batch_size={fits} or smaller, pool the genes into fewer positions "
+        "(vqvae_config={'gene_positions': 256}), or model fewer genes (e.g. subset the AnnData to the highly variable "
+        "ones before `VARST.setup_anndata`)."
     )
     return True

@@ -421,7 +421,7 @@ class VARST:
             warn_if_batch_too_large(
                 stage,
                 batch_size,
-                self.module.num_genes,
+                self.module.num_positions,
                 self.module.vqvae_config["embed_dim"],
                 aux_decode=self.module.var_config["aux_decode_weight"] > 0,
             )
@@ -1088,7 +1088,7 @@ def _spots_per_batch(batch_size: int, n_samples: int, module: TwoStageVARST) -> 
     ``batch_size`` sequences, fewer when the module's gene panel would take more than
     :data:`~varst_scverse.model._memory.GENERATION_BUDGET_BYTES` of feature maps at that size.
     """
-    fit = generation_sequences_that_fit(module.num_genes, module.vqvae_config["embed_dim"])
+    fit = generation_sequences_that_fit(module.num_positions, module.vqvae_config["embed_dim"])
     return max(1, min(int(batch_size), fit) // max(1, int(n_samples)))
 
 

@@ -2,7 +2,7 @@
 
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._conditioning import ConditionEncoder, FourierFeatures
-from ._config import PRESETS, resolve_configs, resolve_scales
+from ._config import PRESETS, resolve_configs, resolve_positions, resolve_scales
 from ._quantizer import MultiScaleResidualQuantizer, pool_genes, upsample_genes
 from ._sampling import filter_logits, guide, sample_tokens, token_probs
 from ._two_stage import TwoStageVARST
@@ -19,6 +19,7 @@ __all__ = [
     "PRESETS",
     "resolve_configs",
     "resolve_scales",
+    "resolve_positions",
     "block_causal_mask",
     "pool_genes",
     "upsample_genes",

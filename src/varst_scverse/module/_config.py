@@ -18,7 +18,11 @@ _VQVAE_BASE: dict[str, Any] = {
     "beta": 0.25,  # commitment weight inside the VQ loss
     "hierarchical_loss_weight": 0.1,  # weight of the decoded-prefix losses
     "vq_loss_weight": 0.25,  # weight of codebook + beta * commitment
-    "scales": (1, 8, 32, None),  # None = one position per gene (G)
+    "scales": (1, 8, 32, None),  # None = one position per feature-map position (G, or gene_positions)
+    # length of the tokenizer's feature map: None = one position per gene (G); P = the ordered genes pooled into at
+    # most P contiguous blocks (gene modules), so stage 1 costs about what P genes cost. For panels of thousands of
+    # genes; a block's genes are encoded and read out one by one, each with its own weights
+    "gene_positions": None,
     "hidden_dim": 512,  # width of the profile MLP in the encoder
     "num_mixer_layers": 2,  # gene-mixing blocks in encoder and in decoder
     "gene_mixing_dim": 256,  # hidden width of the across-genes MLP inside a mixing block
@@ -157,6 +161,11 @@ def _validate_vqvae(vq: Mapping[str, Any]) -> None:
         raise ValueError(f"vqvae_config['scales'] must increase strictly from coarse to fine: {scales}.")
     if None in scales and scales[-1] is not None:
         raise ValueError("None (one position per gene) may only be the last, finest scale.")
+    p = vq["gene_positions"]
+    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
+        raise ValueError(
+            f"vqvae_config['gene_positions'] must be None (one position per gene) or a positive integer, got {p!r}."
+        )
     for key in ("beta", "hierarchical_loss_weight", "vq_loss_weight"):
         if vq[key] < 0:
             raise ValueError(f"vqvae_config[{key!r}] must be >= 0, got {vq[key]}.")
@@ -194,14 +203,33 @@ def _validate_var(var: Mapping[str, Any]) -> None:
         raise ValueError(f"var_config['neighbour_k'] must be >= 0 (0 switches it off), got {var['neighbour_k']}.")
 
 
-def resolve_scales(scales: tuple, num_genes: int) -> tuple[int, ...]:
-    """Replace ``None`` by the number of genes and check every scale fits in it."""
-    out = tuple(num_genes if s is None else int(s) for s in scales)
-    if max(out) > num_genes:  # a fixed scale may exceed G even when the last scale is None (= G)
+def resolve_positions(gene_positions: int | None, num_genes: int) -> int:
+    """Length of the tokenizer's feature map: ``num_genes`` for None, else ``gene_positions`` capped at it."""
+    return int(num_genes) if gene_positions is None else min(int(gene_positions), int(num_genes))
+
+
+def resolve_scales(scales: tuple, num_positions: int, num_genes: int | None = None) -> tuple[int, ...]:
+    """Replace ``None`` by the feature-map length and check every scale fits in it.
+
+    ``num_positions`` is the number of genes G, or :func:`resolve_positions` of ``vqvae_config["gene_positions"]``
+    when that pools the genes (then pass ``num_genes`` too, for the error message).
+    """
+    out = tuple(num_positions if s is None else int(s) for s in scales)
+    if max(out) > num_positions:  # a fixed scale may exceed the map even when the last scale is None
+        if num_genes is None or num_genes == num_positions:
+            raise ValueError(
+                f"The largest fixed scale has {max(out)} positions but there are only {num_positions} genes; select "
+                f"at least {max(out)} genes or pass smaller vqvae_config['scales']."
+            )
         raise ValueError(
-            f"The largest fixed scale has {max(out)} positions but there are only {num_genes} genes; select at least "
-            f"{max(out)} genes or pass smaller vqvae_config['scales']."
+            f"The largest fixed scale has {max(out)} positions but vqvae_config['gene_positions'] pools the "
+            f"{num_genes} genes into only {num_positions}; raise gene_positions to at least {max(out)} or pass "
+            "smaller vqvae_config['scales']."
         )
     if len(set(out)) != len(out):
-        raise ValueError(f"Scales {out} repeat a size for {num_genes} genes; choose strictly increasing scales.")
+        pooled = "" if num_genes is None or num_genes == num_positions else " (vqvae_config['gene_positions'])"
+        raise ValueError(
+            f"Scales {out} repeat a size for a feature map of {num_positions} positions{pooled}; choose strictly "
+            "increasing scales."
+        )
     return out

@@ -61,8 +61,8 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     Parameters
     ----------
-    num_genes
-        Positions of the finest scale input (G).
+    num_positions
+        Length of the feature map (G, or ``vqvae_config["gene_positions"]`` when that pools the genes).
     scales
         Positions per scale, coarse to fine, e.g. ``(1, 8, 32, 200)``.
     vocab_size, embed_dim
@@ -81,7 +81,7 @@ class MultiScaleResidualQuantizer(nn.Module):
 
     def __init__(
         self,
-        num_genes: int,
+        num_positions: int,
         scales: tuple[int, ...],
         vocab_size: int,
         embed_dim: int,
@@ -91,7 +91,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         dead_code_threshold: float = 0.03,
     ) -> None:
         super().__init__()
-        self.num_genes = num_genes
+        self.num_positions = num_positions
         self.scales = tuple(int(s) for s in scales)
         self.vocab_size = vocab_size
         self.embed_dim = embed_dim
@@ -158,7 +158,7 @@ class MultiScaleResidualQuantizer(nn.Module):
             if not self.use_ema:
                 book_loss = book_loss + F.mse_loss(q, pooled.detach())
             q_st = pooled + (q - pooled).detach()
-            up = upsample_genes(q_st, self.num_genes)
+            up = upsample_genes(q_st, self.num_positions)
             f_hat = f_hat + up
             residual = residual - up
             prefixes.append(f_hat)
@@ -179,7 +179,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         tokens = []
         for n in self.scales:
             idx = self.lookup(pool_genes(residual, n))
-            residual = residual - upsample_genes(self.embed(idx), self.num_genes)
+            residual = residual - upsample_genes(self.embed(idx), self.num_positions)
             tokens.append(idx)
         return tokens
 
@@ -187,7 +187,7 @@ class MultiScaleResidualQuantizer(nn.Module):
         """Cumulative quantised features after each given scale (``len(tokens)`` may be a prefix of the scales)."""
         out, f_hat = [], None
         for idx in tokens:
-            up = upsample_genes(self.embed(idx), self.num_genes)
+            up = upsample_genes(self.embed(idx), self.num_positions)
             f_hat = up if f_hat is None else f_hat + up
             out.append(f_hat)
         return out

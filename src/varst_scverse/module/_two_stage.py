@@ -17,7 +17,7 @@ from torch import nn
 
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._conditioning import ConditionEncoder
-from ._config import resolve_configs, resolve_scales
+from ._config import resolve_configs, resolve_positions, resolve_scales
 from ._sampling import guide, sample_tokens, token_probs
 from ._var import GeneVARTransformer
 from ._vqvae import MultiScaleGeneVQVAE
@@ -64,7 +64,9 @@ class TwoStageVARST(nn.Module):
         self.preset = preset
         self.num_genes = int(num_genes)
         self.histology_dim = int(histology_dim)
-        self.scales = resolve_scales(self.vqvae_config["scales"], self.num_genes)
+        # length of the tokenizer's feature map: G, or fewer positions pooling blocks of genes (gene_positions)
+        self.num_positions = resolve_positions(self.vqvae_config["gene_positions"], self.num_genes)
+        self.scales = resolve_scales(self.vqvae_config["scales"], self.num_positions, self.num_genes)
         self.register_buffer("gene_order", torch.arange(self.num_genes))
         # per-gene sd of what the decoded tokens cannot explain (observation noise), caller's gene order; set by
         # calibration after stage 2 and added to sampled draws so that predictive intervals cover observations
@@ -100,7 +102,7 @@ class TwoStageVARST(nn.Module):
             dropout=v["dropout"],
             coordinate_dropout=v["coordinate_dropout"],
         )
-        return condition, GeneVARTransformer(self.scales, self.vqvae_config["embed_dim"], self.num_genes, v)
+        return condition, GeneVARTransformer(self.scales, self.vqvae_config["embed_dim"], self.num_positions, v)
 
     # ------------------------------------------------------------------ ensemble members
     @property
@@ -169,6 +171,7 @@ class TwoStageVARST(nn.Module):
             "stage1_trained": self.stage1_trained,
             "stage2_trained": self.stage2_trained,
             "num_genes": self.num_genes,
+            "num_positions": self.num_positions,
             "histology_dim": self.histology_dim,
             "vocab_size": self.vqvae_config["vocab_size"],
             "scales": list(self.scales),
@@ -582,8 +585,8 @@ class TwoStageVARST(nn.Module):
         tensors, meta = load_checkpoint(path)
         if meta["num_genes"] != self.num_genes:
             raise ValueError(f"{path} was trained on {meta['num_genes']} genes; this model has {self.num_genes}.")
-        for key in ("vocab_size", "embed_dim", "scales"):
-            if _jsonable(meta["vqvae_config"][key]) != _jsonable(self.vqvae_config[key]):
+        for key in ("vocab_size", "embed_dim", "scales", "gene_positions"):
+            if _jsonable(meta["vqvae_config"].get(key)) != _jsonable(self.vqvae_config[key]):
                 raise ValueError(
                     f"{path} has vqvae_config[{key!r}]={meta['vqvae_config'][key]!r}, this model "
                     f"{self.vqvae_config[key]!r}; build the model with the checkpoint's vqvae_config."

@@ -70,13 +70,14 @@ class GeneVARTransformer(nn.Module):
         Positions per stage-1 scale (resolved, e.g. ``(1, 8, 32, 200)``).
     code_dim
         Width of the stage-1 codes (``vqvae_config['embed_dim']``).
-    num_genes
-        Genes G (the length cumulative features are upsampled to).
+    num_positions
+        Length of the tokenizer's feature map (G, or ``vqvae_config["gene_positions"]``), which cumulative features
+        are upsampled to.
     config
         A complete ``var_config``.
     """
 
-    def __init__(self, scales: tuple[int, ...], code_dim: int, num_genes: int, config: dict[str, Any]) -> None:
+    def __init__(self, scales: tuple[int, ...], code_dim: int, num_positions: int, config: dict[str, Any]) -> None:
         super().__init__()
         self.config = dict(config)
         n_gen = config["generate_scales"] or len(scales)
@@ -92,7 +93,7 @@ class GeneVARTransformer(nn.Module):
                 f"The generated sequence has {self.seq_len} tokens, more than var_config['max_sequence_length']="
                 f"{config['max_sequence_length']}; raise it or generate fewer scales."
             )
-        self.num_genes = num_genes
+        self.num_positions = num_positions
         dim, cdim = config["embed_dim"], config["condition_embed_dim"]
         self.start = nn.Linear(cdim, dim)
         self.word_embed = nn.Linear(code_dim, dim)
@@ -163,5 +164,5 @@ class GeneVARTransformer(nn.Module):
         return self._head(x[:, self.offsets[k] :], cond)
 
     def upsample(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes of one scale ``[B, n, D]`` → contribution to the cumulative features ``[B, G, D]``."""
-        return upsample_genes(codes, self.num_genes)
+        """Codes of one scale ``[B, n, D]`` → contribution to the cumulative features ``[B, P, D]``."""
+        return upsample_genes(codes, self.num_positions)
