@@ -565,9 +565,10 @@ def her2st_md(doc: dict) -> str:
         L += [
             "## VARST fitted on a wider gene panel",
             "",
-            "The top-250 model of the same fold and target, its predictions read on the smaller gene set (top-50 lies "
-            "inside top-250), to see whether fitting more genes helps or hurts the ones a user wants. Means over the "
-            "folds the wider model ran on; the best baseline on the same folds.",
+            "A model fitted on a wider gene set of the same fold and target (top-250, or every detected gene), its "
+            "predictions read on the smaller gene set (top-50 lies inside top-250, both inside detected10), to see "
+            "whether fitting more genes helps or hurts the ones a user wants. Means over the folds the wider model ran "
+            "on; the best baseline on the same folds.",
             "",
             *panel,
             "",
