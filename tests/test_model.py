@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from types import SimpleNamespace
 
 import anndata as ad
@@ -347,6 +348,27 @@ def test_batch_memory_estimate_warns_before_the_machine_runs_out():
     assert 0 < suggested < 256
     assert _memory.training_batch_bytes(1, suggested, 10_000, 64) <= 0.8 * 20 * 10**9
     assert _memory.available_memory_bytes() is None or _memory.available_memory_bytes() > 0
+
+
+def test_a_wide_unpooled_panel_warns_when_the_model_is_built():
+    from varst_scverse.model import _memory
+
+    assert not _memory.warn_if_map_is_wide(10_000, 256)  # pooled: any panel
+    assert not _memory.warn_if_map_is_wide(_memory.WIDE_MAP_POSITIONS, _memory.WIDE_MAP_POSITIONS)
+    with pytest.warns(UserWarning, match=r"one position per gene for 2,049 genes.*'gene_positions': 256"):
+        assert _memory.warn_if_map_is_wide(2049, 2049)
+    a = _small(n_spots=40, n_genes=2100)
+    VARST.setup_anndata(a, **SETUP)
+    with pytest.warns(UserWarning, match="one position per gene for 2,100 genes"):
+        VARST(a, preset="cpu", vqvae_config=VQ, var_config=VAR)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        m = VARST(a, preset="cpu", vqvae_config={**VQ, "gene_positions": 256}, var_config=VAR)
+    assert not [w for w in rec if "one position per gene" in str(w.message)]
+    assert "genes=2100, positions=256, tokens=" in repr(m)
+    small = _small()
+    VARST.setup_anndata(small, **SETUP)
+    assert "positions=" not in repr(VARST(small, preset="cpu", vqvae_config=VQ, var_config=VAR))
 
 
 def test_train_warns_when_the_batch_exceeds_available_memory(data, monkeypatch):

@@ -25,7 +25,7 @@ from .._targets import TARGET_KINDS, expression_target
 from ..module import TwoStageVARST
 from ..module._checkpoint import FORMAT_VERSION, load_checkpoint
 from ._inputs import cluster_gene_order, neighbour_index, neighbour_mean, normalise_coords
-from ._memory import generation_sequences_that_fit, warn_if_batch_too_large
+from ._memory import generation_sequences_that_fit, warn_if_batch_too_large, warn_if_map_is_wide
 from ._training import (
     BestWeightsInMemory,
     EpochWeightAverage,
@@ -202,6 +202,7 @@ class VARST:
             histology_dim=hist.shape[1],
             preset=preset,
         )
+        warn_if_map_is_wide(self.module.num_genes, self.module.num_positions)
         y = self._target(adata)
         order = cluster_gene_order(y)
         self.module.gene_order.copy_(torch.as_tensor(order))
@@ -215,8 +216,10 @@ class VARST:
 
     def __repr__(self) -> str:
         info = self.module.get_model_info()
+        pooled = "" if info["num_positions"] == info["num_genes"] else f"positions={info['num_positions']}, "
         return (
-            f"VARST(preset={self.init_params_['preset']!r}, genes={info['num_genes']}, tokens={info['n_tokens']}, "
+            f"VARST(preset={self.init_params_['preset']!r}, genes={info['num_genes']}, {pooled}"
+            f"tokens={info['n_tokens']}, "
             f"vocab={info['vocab_size']}, stage1_trained={self.is_trained_[1]}, stage2_trained={self.is_trained_[2]})"
         )
 
