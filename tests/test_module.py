@@ -756,6 +756,8 @@ def test_gene_positions_is_validated_and_named_in_scale_errors():
             resolve_configs("cpu", {"gene_positions": bad}, None)
     with pytest.raises(ValueError, match=r"pools the 32 genes into only 6; raise gene_positions to at least 8"):
         _module(vq={"gene_positions": 6})
+    with pytest.raises(ValueError, match=r"feature map of 8 positions \(vqvae_config\[.gene_positions.\]\)"):
+        _module(vq={"gene_positions": 8})
 
 
 def test_gene_positions_checkpoint_round_trip(tmp_path):
@@ -770,5 +772,3 @@ def test_gene_positions_checkpoint_round_trip(tmp_path):
     m.save_stage_checkpoint(tmp_path / "s1.safetensors", stage=1)
     with pytest.raises(ValueError, match="gene_positions"):
         _module(vq={"gene_positions": 12}).load_stage1(tmp_path / "s1.safetensors")
-    with pytest.raises(ValueError, match=r"feature map of 8 positions \(vqvae_config\[.gene_positions.\]\)"):
-        _module(vq={"gene_positions": 8})

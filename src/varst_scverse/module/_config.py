@@ -18,7 +18,7 @@ _VQVAE_BASE: dict[str, Any] = {
     "beta": 0.25,  # commitment weight inside the VQ loss
     "hierarchical_loss_weight": 0.1,  # weight of the decoded-prefix losses
     "vq_loss_weight": 0.25,  # weight of codebook + beta * commitment
-    "scales": (1, 8, 32, None),  # None = one position per feature-map position (G, or gene_positions)
+    "scales": (1, 8, 32, None),  # None = the whole feature map (G positions, or gene_positions)
     # length of the tokenizer's feature map: None = one position per gene (G); P = the ordered genes pooled into at
     # most P contiguous blocks (gene modules), so stage 1 costs about what P genes cost. For panels of thousands of
     # genes; a block's genes are encoded and read out one by one, each with its own weights
@@ -161,11 +161,8 @@ def _validate_vqvae(vq: Mapping[str, Any]) -> None:
         raise ValueError(f"vqvae_config['scales'] must increase strictly from coarse to fine: {scales}.")
     if None in scales and scales[-1] is not None:
         raise ValueError("None (one position per gene) may only be the last, finest scale.")
-    p = vq["gene_positions"]
-    if p is not None and (isinstance(p, bool) or not isinstance(p, int) or p < 1):
-        raise ValueError(
-            f"vqvae_config['gene_positions'] must be None (one position per gene) or a positive integer, got {p!r}."
-        )
+    if vq["gene_positions"] is not None:  # None: one position per gene
+        _positive_int(vq, "gene_positions", "vqvae_config")
     for key in ("beta", "hierarchical_loss_weight", "vq_loss_weight"):
         if vq[key] < 0:
             raise ValueError(f"vqvae_config[{key!r}] must be >= 0, got {vq[key]}.")
@@ -215,8 +212,9 @@ def resolve_scales(scales: tuple, num_positions: int, num_genes: int | None = No
     when that pools the genes (then pass ``num_genes`` too, for the error message).
     """
     out = tuple(num_positions if s is None else int(s) for s in scales)
+    pooled = num_genes is not None and num_genes != num_positions
     if max(out) > num_positions:  # a fixed scale may exceed the map even when the last scale is None
-        if num_genes is None or num_genes == num_positions:
+        if not pooled:
             raise ValueError(
                 f"The largest fixed scale has {max(out)} positions but there are only {num_positions} genes; select "
                 f"at least {max(out)} genes or pass smaller vqvae_config['scales']."
@@ -227,9 +225,9 @@ def resolve_scales(scales: tuple, num_positions: int, num_genes: int | None = No
             "smaller vqvae_config['scales']."
         )
     if len(set(out)) != len(out):
-        pooled = "" if num_genes is None or num_genes == num_positions else " (vqvae_config['gene_positions'])"
+        why = " (vqvae_config['gene_positions'])" if pooled else ""
         raise ValueError(
-            f"Scales {out} repeat a size for a feature map of {num_positions} positions{pooled}; choose strictly "
+            f"Scales {out} repeat a size for a feature map of {num_positions} positions{why}; choose strictly "
             "increasing scales."
         )
     return out

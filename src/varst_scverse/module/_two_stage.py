@@ -588,7 +588,7 @@ class TwoStageVARST(nn.Module):
         for key in ("vocab_size", "embed_dim", "scales", "gene_positions"):
             if _jsonable(meta["vqvae_config"].get(key)) != _jsonable(self.vqvae_config[key]):
                 raise ValueError(
-                    f"{path} has vqvae_config[{key!r}]={meta['vqvae_config'][key]!r}, this model "
+                    f"{path} has vqvae_config[{key!r}]={meta['vqvae_config'].get(key)!r}, this model "
                     f"{self.vqvae_config[key]!r}; build the model with the checkpoint's vqvae_config."
                 )
         sub = {k[len("vqvae.") :]: v for k, v in tensors.items() if k.startswith("vqvae.")}

@@ -169,7 +169,7 @@ class MultiScaleGeneVQVAE(nn.Module):
     def __init__(self, num_genes: int, scales: tuple[int, ...], config: dict[str, Any]) -> None:
         super().__init__()
         self.num_genes = num_genes
-        self.num_positions = resolve_positions(config.get("gene_positions"), num_genes)
+        self.num_positions = resolve_positions(config["gene_positions"], num_genes)
         self.scales = tuple(scales)
         self.config = dict(config)
         dim = config["embed_dim"]
